@@ -31,10 +31,19 @@ class ModelInfo:
     steps: int
     name: str
 
+    def block_frame_start(self, block_index: int) -> int:
+        """Index of the first video frame of block `block_index`."""
+        if block_index == 0:
+            return 0
+        return self.first_block_frames + (block_index - 1) * self.frames_per_block
+
     def block_samples(self, block_index: int) -> int:
-        """Audio samples (at audio_sample_rate) that drive block `block_index`."""
+        """Audio samples (at audio_sample_rate) that drive block `block_index`; boundaries are
+        rounded from the cumulative frame count, so rounding never drifts over a long stream."""
+        start = self.block_frame_start(block_index)
         frames = self.first_block_frames if block_index == 0 else self.frames_per_block
-        return round(frames * self.audio_sample_rate / self.fps)
+        sr, fps = self.audio_sample_rate, self.fps
+        return round((start + frames) * sr / fps) - round(start * sr / fps)
 
 
 class Executor(abc.ABC):

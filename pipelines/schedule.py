@@ -1,0 +1,46 @@
+"""Flow-matching timesteps for few-step sampling.
+
+x_t = (1 - σ) x_0 + σ ε, the model predicts v = ε - x_0, and one Euler step is
+x_{σ'} = x_σ + (σ' - σ) v. Few-step students (Self-Forcing, Live Avatar) use a shifted schedule:
+σ ↦ shift·σ / (1 + (shift - 1)·σ), which spends more steps at high noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FlowMatchSchedule:
+    steps: int = 4
+    shift: float = 5.0
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 1000:
+            raise ConfigError(f"steps must be between 1 and 1000, got {self.steps}")
+        if self.shift <= 0:
+            raise ConfigError(f"shift must be positive, got {self.shift}")
+
+    @property
+    def sigmas(self) -> list[float]:
+        """steps + 1 noise levels from 1 down to 0 (the last is the clean sample)."""
+        raw = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)
+        shifted = self.shift * raw / (1 + (self.shift - 1) * raw)
+        return [float(s) for s in shifted]
+
+    @property
+    def timesteps(self) -> list[float]:
+        """Model timesteps (σ·1000) of the `steps` denoising steps."""
+        return [s * self.num_train_timesteps for s in self.sigmas[:-1]]
+
+    def euler(self, x: torch.Tensor, velocity: torch.Tensor, step: int) -> torch.Tensor:
+        s = self.sigmas
+        return (x.float() + (s[step + 1] - s[step]) * velocity.float()).to(x.dtype)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        return (1 - sigma) * x0 + sigma * noise
