@@ -23,7 +23,9 @@ def _open(source: bytes | str | Path) -> Image.Image:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise InvalidImageError(f"reference image {str(path)!r} does not exist")
+            raise InvalidImageError(
+                f"reference image {str(path)!r} does not exist or is not a file"
+            )
         data = path.read_bytes()
         name = str(path)
     else:
