@@ -1,0 +1,64 @@
+"""`diffstream serve`: start the real-time service on the embedded default model.
+
+Flags override DIFFSTREAM_* environment variables, which override the defaults; both end up in
+one `Settings`, so `serve --max-sessions 2` and `DIFFSTREAM_MAX_SESSIONS=2 serve` are the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+# Flag name → settings field; every flag defaults to None so the environment can fill it.
+_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--host", "host", str, "interface to listen on (default 127.0.0.1; 0.0.0.0 for all)"),
+    ("--port", "port", int, "TCP port (default 8000)"),
+    ("--model", "model", str, "model name or path (default: the embedded default model)"),
+    ("--executor", "executor", str, "local, tpp or dualparal (default local)"),
+    ("--devices", "devices", str, "cpu, cuda, cuda:0,cuda:1 or cpu:N (default cpu)"),
+    ("--steps", "steps", int, "denoising steps per block (default: the model's)"),
+    ("--block-frames", "block_frames", int, "latent frames per block (default: the model's)"),
+    ("--threads", "threads", int, "torch CPU threads (default: all cores but one)"),
+    ("--max-sessions", "max_sessions", int, "concurrent sessions before refusing (default 4)"),
+    ("--auth-token", "auth_token", str, "require this bearer token on the API"),
+    ("--recording-dir", "recording_dir", Path, "write each session to an MP4 here"),
+    ("--degrade", "degrade", str, "drop (default) or none: what to do when behind real time"),
+    ("--max-message-bytes", "max_message_bytes", int, "largest websocket message (default 1 MiB)"),
+    ("--turn-username", "turn_username", str, "username for the TURN servers"),
+    ("--turn-password", "turn_password", str, "password for the TURN servers"),
+    ("--log-level", "log_level", str, "debug, info, warning or error"),
+]
+_LISTS: list[tuple[str, str, str]] = [
+    ("--stun", "stun_servers", "STUN server URL, e.g. stun:stun.l.google.com:19302 (repeatable)"),
+    ("--turn", "turn_servers", "TURN server URL, e.g. turn:turn.example.com:3478 (repeatable)"),
+    ("--allowed-origin", "allowed_origins", "origin allowed to call the API (repeatable)"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every setting; unset flags fall back to DIFFSTREAM_* variables."""
+    for flag, dest, kind, help_text in _FLAGS:
+        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+    for flag, dest, help_text in _LISTS:
+        parser.add_argument(flag, dest=dest, action="append", default=None, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """Settings from the environment with the flags that were given on top."""
+    from stream.settings import load_settings
+
+    names = [dest for _, dest, _, _ in _FLAGS] + [dest for _, dest, _ in _LISTS]
+    return load_settings(**{name: getattr(args, name, None) for name in names})
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from stream.server import build_server
+
+    server = build_server(settings)
+    server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,394 @@
+"""Sessions: one avatar stream each, and the registry that admits, finds and ends them.
+
+A session owns everything that lives as long as the stream: the executor's per-session state, the
+audio ingest, the scheduler task, the timeline and its tracks, the peer connection, the audio
+socket, the stats task and the recording. `Session.close` releases all of them, once, whatever
+ended the session (DELETE, "stop", the viewer leaving, a failed worker, idleness, shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from models.errors import SessionError
+from pipelines.executors.base import Executor
+from pipelines.messages import SessionSpec
+from stream.ingest import AudioIngest
+from stream.metrics import ServiceMetrics
+from stream.protocol import CloseCode, SessionInfo, error_message
+from stream.recording import SessionRecorder
+from stream.scheduler import BlockScheduler
+from stream.settings import Settings
+from stream.timeline import MediaTimeline, Slot
+from stream.tracks import AvatarVideoTrack, DrivingAudioTrack
+
+if TYPE_CHECKING:
+    from aiortc import RTCDataChannel, RTCPeerConnection
+    from starlette.websockets import WebSocket
+
+log = logging.getLogger(__name__)
+
+
+class AdmissionError(SessionError):
+    """The server is at its session limit."""
+
+
+class Session:
+    """One avatar stream: audio in through `ingest`, frames out through `video`/`audio` tracks."""
+
+    def __init__(
+        self,
+        spec: SessionSpec,
+        executor: Executor,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        on_closed: Callable[[Session], None],
+    ) -> None:
+        self.id = spec.session_id
+        self.spec = spec
+        self.executor = executor
+        self.info = executor.info
+        self.settings = settings
+        self.metrics = metrics
+        self.created = time.monotonic()
+        self.state = "created"
+        self.outcome: str | None = None
+        self.error: str | None = None
+        self._on_closed = on_closed
+        self._closed = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.pc: RTCPeerConnection | None = None
+        self.stats_channel: RTCDataChannel | None = None
+        self.audio_socket: WebSocket | None = None
+        self._last_contact = time.monotonic()
+        self.recorder: SessionRecorder | None = None
+        if settings.recording_dir is not None:
+            path = Path(settings.recording_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.id}.mp4"
+            self.recorder = SessionRecorder(path, self.info.fps, self.info.width, self.info.height)
+        fpb = self.info.frames_per_block
+        self.timeline = MediaTimeline(
+            self.info.fps,
+            self.info.height,
+            self.info.width,
+            max_queued_frames=fpb * (settings.max_blocks_in_flight + 3),
+            on_slot=self._on_slot,
+        )
+        self.ingest = AudioIngest(
+            self.info.audio_sample_rate,
+            max_buffer_s=settings.max_audio_buffer_s,
+            jitter_s=settings.jitter_buffer_ms / 1000.0,
+        )
+        self.scheduler = BlockScheduler(
+            self.id,
+            executor,
+            self.ingest,
+            self.timeline,
+            metrics,
+            max_in_flight=settings.max_blocks_in_flight,
+            degrade=settings.degrade,
+            max_backlog_s=settings.max_backlog_s,
+            on_error=self._on_generation_error,
+            on_drained=self._on_drained,
+        )
+        self.video = AvatarVideoTrack(
+            self.timeline, on_sent=self._on_frame_sent, on_skipped=self._on_frames_skipped
+        )
+        self.audio = DrivingAudioTrack(self.timeline)
+        self.latencies: list[float] = []
+        self.frames_skipped = 0
+        self.last_fps = 0.0
+
+    # Lifecycle --------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        """A task that belongs to this session and is cancelled when it closes."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"{name}-{self.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def start_streaming(self) -> None:
+        """Start generating: called once a viewer's tracks exist to pull the frames."""
+        if self.state == "created":
+            self.state = "streaming"
+            self.spawn(self.scheduler.run(), "scheduler")
+            self.spawn(self._stats_loop(), "stats")
+
+    def touch(self) -> None:
+        self._last_contact = time.monotonic()
+
+    async def close(self, outcome: str, message: str | None = None) -> None:
+        """Release every resource of the session; safe to call more than once."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self.state = "closed"
+        self.outcome = outcome
+        self.error = message if outcome == "error" else None
+        log.info("session %s closed: %s%s", self.id, outcome, f" ({message})" if message else "")
+        self.scheduler.stop()
+        self.timeline.close()
+        self.ingest.interrupt()
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.scheduler.release()
+        if self.audio_socket is not None:
+            code, reason = _close_code(outcome, message)
+            await _close_socket(
+                self.audio_socket, code, reason, message if outcome == "error" else None
+            )
+            self.audio_socket = None
+        self.video.stop()
+        self.audio.stop()
+        if self.pc is not None:
+            pc, self.pc = self.pc, None
+            with contextlib.suppress(Exception):
+                await pc.close()
+        self.stats_channel = None
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.executor.close_session, self.id)
+        if self.recorder is not None:
+            await asyncio.to_thread(self.recorder.close)
+        self.metrics.sessions.labels(outcome=outcome).inc()
+        self._on_closed(self)
+
+    def _on_generation_error(self, message: str) -> None:
+        self.spawn(self.close("error", message), "close")
+
+    def _on_drained(self) -> None:
+        self.spawn(self.close("stopped", "all audio played"), "close")
+
+    # Media callbacks --------------------------------------------------------------------------
+
+    def _on_slot(self, slot: Slot) -> None:
+        if slot.fresh:
+            if slot.latency is not None:
+                self.latencies.append(slot.latency)
+                if len(self.latencies) > 256:
+                    del self.latencies[:128]
+                self.metrics.e2e_latency.observe(slot.latency)
+        else:
+            self.metrics.frames_repeated.inc()
+        if self.recorder is not None:
+            self.recorder.feed(slot)
+
+    def _on_frame_sent(self, slot: Slot) -> None:
+        self.metrics.frames_sent.inc()
+
+    def _on_frames_skipped(self, n: int) -> None:
+        self.frames_skipped += n
+        self.metrics.frames_dropped.labels(reason="sender_late").inc(n)
+
+    # Control from the audio socket ------------------------------------------------------------
+
+    def interrupt(self) -> int:
+        self.ingest.interrupt()
+        return self.scheduler.interrupt()
+
+    def stop_audio(self) -> None:
+        self.ingest.finish()
+        self.scheduler.drain()
+        if self.state == "created":
+            # Nothing is being shown, so there is nothing to play out.
+            self.spawn(self.close("stopped", "stopped before a viewer connected"), "close")
+
+    # Stats ------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The figures the data channel and GET /v1/sessions report."""
+        lat = self.latencies[-32:]
+        return {
+            "type": "stats",
+            "session_id": self.id,
+            "frames_sent": self.video.sent,
+            "frames_generated": self.timeline.fresh_slots,
+            "frames_repeated": self.timeline.repeated_slots,
+            "dropped_frames": self.scheduler.frames_dropped + self.frames_skipped,
+            "dropped_blocks": self.scheduler.blocks_dropped,
+            "blocks": self.scheduler.blocks_done,
+            "latency_ms": round(statistics.median(lat) * 1000, 1) if lat else None,
+            "block_ms": round(statistics.median(self.scheduler.recent_block_latency) * 1000, 1)
+            if self.scheduler.recent_block_latency
+            else None,
+            "audio_buffer_s": round(self.ingest.buffered_seconds, 3),
+            "queued_frames": self.timeline.queued_frames,
+        }
+
+    async def _stats_loop(self) -> None:
+        interval = self.settings.stats_interval_s
+        last_sent, last_fresh, last_t = 0, 0, time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            dt = max(1e-6, now - last_t)
+            stats = self.stats()
+            stats["fps"] = round((self.video.sent - last_sent) / dt, 2)
+            stats["generated_fps"] = round((self.timeline.fresh_slots - last_fresh) / dt, 2)
+            last_sent, last_fresh, last_t = self.video.sent, self.timeline.fresh_slots, now
+            self.last_fps = stats["fps"]
+            channel = self.stats_channel
+            if channel is not None and channel.readyState == "open":
+                with contextlib.suppress(Exception):
+                    channel.send(json.dumps(stats))
+            if self._idle_for() > self.settings.idle_timeout_s:
+                self.spawn(self.close("idle", "no viewer and no audio socket"), "close")
+                return
+
+    def _idle_for(self) -> float:
+        viewer = self.pc is not None and self.pc.connectionState in (
+            "connecting",
+            "connected",
+            "new",
+        )
+        if viewer or self.audio_socket is not None:
+            self.touch()
+            return 0.0
+        return time.monotonic() - self._last_contact
+
+    def describe(self) -> SessionInfo:
+        return SessionInfo(
+            session_id=self.id,
+            state=self.state,
+            age_s=round(time.monotonic() - self.created, 3),
+            viewer=self.pc.connectionState if self.pc is not None else None,
+            audio_connected=self.audio_socket is not None,
+            blocks=self.scheduler.blocks_done,
+            frames_sent=self.video.sent,
+            dropped_frames=self.scheduler.frames_dropped + self.frames_skipped,
+            dropped_blocks=self.scheduler.blocks_dropped,
+        )
+
+
+class SessionManager:
+    """Admission control and the registry of live sessions."""
+
+    def __init__(self, executor: Executor, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.executor = executor
+        self.settings = settings
+        self.metrics = metrics
+        self.sessions: dict[str, Session] = {}
+        self._reserved = 0
+        self._reaper: asyncio.Task[None] | None = None
+        metrics.active_sessions.set_function(lambda: len(self.sessions))
+        depth = metrics.queue_depth
+        depth.labels(queue="audio_seconds").set_function(
+            lambda: sum(s.ingest.buffered_seconds for s in self.sessions.values())
+        )
+        depth.labels(queue="frames").set_function(
+            lambda: sum(s.timeline.queued_frames for s in self.sessions.values())
+        )
+        depth.labels(queue="blocks_in_flight").set_function(
+            lambda: sum(s.scheduler.in_flight for s in self.sessions.values())
+        )
+        metrics.fps.set_function(lambda: sum(s.last_fps for s in self.sessions.values()))
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None or session.closed:
+            raise SessionError(f"session {session_id!r} not found (it never existed or has ended)")
+        return session
+
+    @property
+    def in_use(self) -> int:
+        return len(self.sessions) + self._reserved
+
+    async def create(
+        self,
+        reference: Any,
+        *,
+        seed: int = 0,
+        steps: int | None = None,
+        sink_refresh: bool = False,
+    ) -> Session:
+        """Admit and open a session; raises AdmissionError when full."""
+        if self.in_use >= self.settings.max_sessions:
+            self.metrics.sessions_rejected.inc()
+            raise AdmissionError(
+                f"server at capacity: {self.in_use} of {self.settings.max_sessions} sessions in "
+                "use; retry when one ends"
+            )
+        self._reserved += 1
+        try:
+            spec = SessionSpec(
+                session_id=uuid.uuid4().hex,
+                reference=reference,
+                seed=seed,
+                steps=steps,
+                sink_refresh=sink_refresh,
+            )
+            await asyncio.to_thread(self.executor.open_session, spec)
+            session = Session(spec, self.executor, self.settings, self.metrics, self._forget)
+            self.sessions[session.id] = session
+        finally:
+            self._reserved -= 1
+        log.info(
+            "session %s opened (%d of %d)", session.id, self.in_use, self.settings.max_sessions
+        )
+        return session
+
+    def _forget(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+
+    async def close_all(self, outcome: str = "shutdown") -> None:
+        await asyncio.gather(
+            *(s.close(outcome, "server shutting down") for s in list(self.sessions.values())),
+            return_exceptions=True,
+        )
+
+    def start_reaper(self) -> None:
+        """Sessions that never got a viewer have no stats loop; end them when idle too."""
+        self._reaper = asyncio.create_task(self._reap(), name="session-reaper")
+
+    async def stop_reaper(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.settings.idle_timeout_s / 2))
+            for session in list(self.sessions.values()):
+                if (
+                    session.state == "created"
+                    and session._idle_for() > self.settings.idle_timeout_s
+                ):
+                    await session.close("idle", "no viewer connected")
+
+
+def _close_code(outcome: str, message: str | None) -> tuple[int, str]:
+    if outcome == "error":
+        return CloseCode.INTERNAL, (message or "generation failed")
+    if outcome in ("stopped",):
+        return CloseCode.NORMAL, "stopped"
+    if outcome == "shutdown":
+        return CloseCode.GOING_AWAY, "server shutting down"
+    return CloseCode.SESSION_ENDED, f"session ended: {outcome}"
+
+
+async def _close_socket(ws: WebSocket, code: int, reason: str, error: str | None) -> None:
+    with contextlib.suppress(Exception):
+        if error is not None:
+            await ws.send_json(error_message(error))
+        await ws.close(code=code, reason=reason[:120])

@@ -1,0 +1,155 @@
+"""Every knob of the service in one validated object, read from DIFFSTREAM_* variables and flags.
+
+The app factory takes a `Settings` and nothing else, so a test, the CLI and a container build
+identical services from different sources; nothing is read from the environment at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.errors import ConfigError
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Configuration of one `diffstream serve` process (env prefix DIFFSTREAM_)."""
+
+    model_config = SettingsConfigDict(env_prefix="DIFFSTREAM_", extra="ignore")
+
+    # Network.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    # Engine: which model, on what, behind which executor.
+    model: str = "default"
+    executor: Literal["local", "tpp", "dualparal"] = "local"
+    devices: str = "cpu"
+    steps: int | None = Field(None, ge=1, le=64, description="denoising steps per block")
+    block_frames: int | None = Field(
+        None, ge=1, le=64, description="latent frames per block (None: the model's default)"
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads (None: all cores but one, leaving one for WebRTC)",
+    )
+
+    # Admission and limits.
+    max_sessions: int = Field(4, ge=1)
+    max_message_bytes: int = Field(1 << 20, ge=1024, description="largest websocket message")
+    max_image_bytes: int = Field(16 << 20, ge=1024, description="largest reference upload")
+    max_audio_buffer_s: float = Field(
+        20.0, gt=0, description="audio a client may send ahead of real time before backpressure"
+    )
+    idle_timeout_s: float = Field(
+        60.0, gt=0, description="end a session with no viewer and no audio socket after this long"
+    )
+
+    # Real-time behaviour.
+    degrade: Literal["drop", "none"] = "drop"
+    max_backlog_s: float = Field(
+        1.5, gt=0, description="audio waiting while video lags before blocks are dropped"
+    )
+    jitter_buffer_ms: float = Field(
+        80.0, ge=0, description="audio held back at speech onset to absorb network jitter"
+    )
+    max_blocks_in_flight: int = Field(2, ge=1, le=8)
+    stats_interval_s: float = Field(1.0, gt=0)
+
+    # WebRTC.
+    stun_servers: CommaList = Field(default_factory=list)
+    turn_servers: CommaList = Field(default_factory=list)
+    turn_username: str | None = None
+    turn_password: SecretStr | None = None
+
+    # Access.
+    auth_token: SecretStr | None = None
+    allowed_origins: CommaList = Field(default_factory=list)
+
+    # Output.
+    recording_dir: Path | None = None
+    web_dir: Path = Path(__file__).resolve().parent.parent / "web"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("stun_servers", "turn_servers", "allowed_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("stun_servers")
+    @classmethod
+    def _check_stun(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("stun:", "stuns:")):
+                raise ValueError(f"STUN server {url!r} must start with stun: or stuns:")
+        return value
+
+    @field_validator("turn_servers")
+    @classmethod
+    def _check_turn(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("turn:", "turns:")):
+                raise ValueError(f"TURN server {url!r} must start with turn: or turns:")
+        return value
+
+    @model_validator(mode="after")
+    def _turn_needs_credentials(self) -> Settings:
+        if self.turn_servers and not (self.turn_username and self.turn_password):
+            raise ValueError("TURN servers need turn_username and turn_password")
+        return self
+
+    def ice_servers(self) -> list[dict[str, object]]:
+        """ICE servers in the browser's RTCIceServer shape (also what aiortc is given)."""
+        servers: list[dict[str, object]] = []
+        if self.stun_servers:
+            servers.append({"urls": list(self.stun_servers)})
+        if self.turn_servers:
+            servers.append(
+                {
+                    "urls": list(self.turn_servers),
+                    "username": self.turn_username,
+                    "credential": self.turn_password.get_secret_value()
+                    if self.turn_password
+                    else None,
+                }
+            )
+        return servers
+
+    def torch_threads(self) -> int:
+        """Threads for torch on CPU; oversubscribing a busy machine stalls every block."""
+        import os
+
+        if self.threads is not None:
+            return self.threads
+        return max(1, (os.cpu_count() or 2) - 1)
+
+    def executor_options(self) -> dict[str, object]:
+        """Options passed to build_executor; only what the user set, so engine defaults win."""
+        options: dict[str, object] = {}
+        if self.steps is not None:
+            options["steps"] = self.steps
+        if self.block_frames is not None:
+            options["block_frames"] = self.block_frames
+        return options
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings from the environment plus explicit overrides, as a project error on failure."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid service settings: {problems}") from None
