@@ -206,7 +206,9 @@ class AttentionPlan:
     sink keys are rotated to (None: no sink). write_start: absolute frame index at which the
     block's rotated keys/values are written into the ring (None: no write). store_sink: store
     this forward's *unrotated* keys/values as the sink. mask: an explicit boolean mask over
-    (block tokens × block tokens), used only by the uncached reference forward.
+    (block tokens × block tokens), used only by the uncached reference forward. layer_offset:
+    the cache holds layers from this index on, so a rank that runs a slice of the layers
+    (DualParal) keeps caches for its own layers only.
     """
 
     cache: KVCache | None = None
@@ -215,6 +217,7 @@ class AttentionPlan:
     write_start: int | None = None
     store_sink: bool = False
     mask: torch.Tensor | None = None
+    layer_offset: int = 0
 
 
 class TransformerBlock(nn.Module):
@@ -253,15 +256,16 @@ class TransformerBlock(nn.Module):
         k_raw, v = a.key_value(x)
         k = rope.apply(k_raw)
         cache = plan.cache
+        slot = layer - plan.layer_offset  # this layer's index inside the cache
         keys, values = [k], [v]
         if cache is not None:
             if plan.read_history and cache.filled_frames:
-                hk, hv = cache.history(layer)
+                hk, hv = cache.history(slot)
                 keys.insert(0, hk)
                 values.insert(0, hv)
             if sink_rope is not None and cache.has_sink:
-                keys.insert(0, sink_rope.apply(cache.sink_keys[layer]))
-                values.insert(0, cache.sink_values[layer])
+                keys.insert(0, sink_rope.apply(cache.sink_keys[slot]))
+                values.insert(0, cache.sink_values[slot])
         k_all = keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)
         v_all = values[0] if len(values) == 1 else torch.cat(values, dim=1)
         mask = plan.mask
@@ -271,9 +275,9 @@ class TransformerBlock(nn.Module):
         out = attend(q, k_all, v_all, mask)
         if cache is not None:
             if plan.store_sink:
-                cache.write_sink(layer, k_raw, v)
+                cache.write_sink(slot, k_raw, v)
             if plan.write_start is not None:
-                cache.write(layer, plan.write_start, k, v)
+                cache.write(slot, plan.write_start, k, v)
         return a.out(out)
 
     def forward(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -247,8 +248,14 @@ class StreamingGenerator:
         steps: int | None = None,
         sink_refresh: bool | None = None,
         cache_mode: CacheMode | None = None,
+        cache_steps: Collection[int] | None = None,
     ) -> SessionState:
-        """Encode the reference image into the sink and allocate the session's caches."""
+        """Encode the reference image into the sink and allocate the session's caches.
+
+        cache_steps (timestep forcing): allocate rings only for these steps; the others get a
+        zero-length ring (they still share the sink), so a TPP rank that owns one step holds
+        one step's cache, not S of them.
+        """
         cfg = self.config
         steps = steps or cfg.steps
         self.schedule(steps)  # validates
@@ -259,23 +266,36 @@ class StreamingGenerator:
             )
         mc = self.model.config
         n_caches = steps if mode == "timestep_forcing" else 1
+        owned = set(range(n_caches)) if cache_steps is None else set(cache_steps)
+
+        def window(step: int) -> int:
+            return cfg.window_frames if step in owned else 0
+
         first = KVCache.allocate(
             layers=mc.num_layers,
             batch=1,
             heads=mc.num_attention_heads,
             head_dim=mc.attention_head_dim,
             tokens_per_frame=self.tokens_per_frame,
-            window_frames=cfg.window_frames,
+            window_frames=window(0),
             sink_frames=1,
             frames_per_block=cfg.frames_per_block,
             device=self.device,
             dtype=self.dtype,
         )
         caches = [first]
-        for _ in range(n_caches - 1):  # the sink is shared; each step has its own ring
+        for step in range(1, n_caches):  # the sink is shared; each step has its own ring
+            shape = (
+                *first.keys.shape[:2],
+                window(step) * self.tokens_per_frame,
+                *first.keys.shape[3:],
+            )
             caches.append(
                 dataclasses.replace(
-                    first, keys=torch.zeros_like(first.keys), values=torch.zeros_like(first.values)
+                    first,
+                    keys=torch.zeros(shape, device=self.device, dtype=self.dtype),
+                    values=torch.zeros(shape, device=self.device, dtype=self.dtype),
+                    window_frames=window(step),
                 )
             )
         with torch.inference_mode():
