@@ -71,6 +71,8 @@ class ModelBundle:
         path.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": "diffstream/1",
+            "name": self.name,
+            "trained": self.trained,
             "dit": self.dit.config.to_dict(),
             "vae": self.vae_config,
             "audio": self.audio_config,
