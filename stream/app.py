@@ -17,6 +17,7 @@ import secrets
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -193,6 +194,25 @@ def _install_routes(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -
     async def sample_audio() -> FileResponse:
         """A few seconds of speech for demos (`/?autostart=1&audio=/v1/sample-audio`)."""
         return FileResponse(web_dir / SAMPLE_AUDIO, media_type="audio/ogg")
+
+    refs_dir = Path(__file__).resolve().parent.parent / "models" / "default" / "refs"
+
+    def shipped_references() -> dict[str, Path]:
+        if not refs_dir.is_dir():
+            return {}
+        return {p.name: p for p in sorted(refs_dir.glob("*.png"))}
+
+    @app.get("/v1/references", tags=["demo"])
+    async def list_references() -> list[dict[str, str]]:
+        """Sample reference images shipped with the default model, for the page to offer."""
+        return [{"name": n, "url": f"/v1/references/{n}"} for n in shipped_references()]
+
+    @app.get("/v1/references/{name}", tags=["demo"], response_class=FileResponse)
+    async def get_reference(name: str) -> FileResponse:
+        path = shipped_references().get(name)
+        if path is None:
+            raise HTTPException(404, f"no shipped reference image named {name!r}")
+        return FileResponse(path, media_type="image/png")
 
     @app.get("/healthz", tags=["ops"])
     async def healthz(request: Request) -> JSONResponse:

@@ -257,8 +257,10 @@ class BlockScheduler:
                 self._fail(f"generation failed: {result.error or 'no frames'}")
                 return False
             latency = self.clock() - item.submitted
-            self.latency_estimate = 0.7 * self.latency_estimate + 0.3 * latency
             self.recent_block_latency.append(latency)
+            # Plan for a slow block, not the average one: a late block shows as a frozen frame.
+            recent = sorted(list(self.recent_block_latency)[-32:])
+            self.latency_estimate = recent[int(0.9 * (len(recent) - 1))]
             self.metrics.block_latency.observe(latency)
             units = self._units(item, result.frames)
             if item.epoch != self.epoch:

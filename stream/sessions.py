@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import statistics
@@ -32,7 +33,7 @@ from stream.timeline import MediaTimeline, Slot
 from stream.tracks import AvatarVideoTrack, DrivingAudioTrack
 
 if TYPE_CHECKING:
-    from aiortc import RTCDataChannel, RTCPeerConnection
+    from aiortc import RTCDataChannel, RTCPeerConnection, RTCRtpSender
     from starlette.websockets import WebSocket
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class Session:
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.pc: RTCPeerConnection | None = None
+        self.video_sender: RTCRtpSender | None = None
+        self.viewer_connected_at: float | None = None
         self.stats_channel: RTCDataChannel | None = None
         self.audio_socket: WebSocket | None = None
         self._last_contact = time.monotonic()
@@ -253,6 +256,35 @@ class Session:
             if self._idle_for() > self.settings.idle_timeout_s:
                 self.spawn(self.close("idle", "no viewer and no audio socket"), "close")
                 return
+            silent = await self._viewer_silent_for()
+            if silent > self.settings.viewer_timeout_s:
+                self.spawn(
+                    self.close("viewer_gone", f"no RTCP from the viewer for {silent:.0f} s"),
+                    "close",
+                )
+                return
+
+    async def _viewer_silent_for(self) -> float:
+        """Seconds since the viewer last sent a receiver report about our video.
+
+        A viewer that vanishes (tab killed, network gone) closes nothing; ICE consent takes
+        ~30 s to notice. Receiver reports arrive about every second from any live receiver.
+        """
+        if self.video_sender is None or self.viewer_connected_at is None:
+            return 0.0
+        last = self.viewer_connected_at
+        with contextlib.suppress(Exception):
+            report = await self.video_sender.getStats()
+            for stat in report.values():
+                if stat.type == "remote-inbound-rtp":
+                    seen = (
+                        time.monotonic()
+                        - (
+                            datetime.datetime.now(datetime.timezone.utc) - stat.timestamp
+                        ).total_seconds()
+                    )
+                    last = max(last, seen)
+        return time.monotonic() - last
 
     def _idle_for(self) -> float:
         viewer = self.pc is not None and self.pc.connectionState in (

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
         60.0, gt=0, description="end a session with no viewer and no audio socket after this long"
     )
 
+    viewer_timeout_s: float = Field(
+        10.0, gt=0, description="end a session whose viewer sent no RTCP report for this long"
+    )
+
     # Real-time behaviour.
     degrade: Literal["drop", "none"] = "drop"
     max_backlog_s: float = Field(

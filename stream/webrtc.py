@@ -7,6 +7,7 @@ resources): this is the one place that knows about SDP, ICE servers and the stat
 from __future__ import annotations
 
 import logging
+import time
 
 from aiortc import (
     RTCConfiguration,
@@ -80,6 +81,8 @@ async def answer_offer(session: Session, offer: Offer, settings: Settings) -> An
         state = pc.connectionState
         log.info("session %s viewer %s", session.id, state)
         session.touch()
+        if state == "connected" and session.viewer_connected_at is None:
+            session.viewer_connected_at = time.monotonic()
         if state in ("failed", "closed") and session.pc is pc and not session.closed:
             session.spawn(session.close("viewer_gone", f"peer connection {state}"), "close")
 
@@ -91,7 +94,7 @@ async def answer_offer(session: Session, offer: Offer, settings: Settings) -> An
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
         has_audio = any(m.kind == "audio" for m in parsed.media)
-        pc.addTrack(session.video)
+        session.video_sender = pc.addTrack(session.video)
         if has_audio:
             pc.addTrack(session.audio)
         answer = await pc.createAnswer()

@@ -25,6 +25,8 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--recording-dir", "recording_dir", Path, "write each session to an MP4 here"),
     ("--degrade", "degrade", str, "drop (default) or none: what to do when behind real time"),
     ("--max-message-bytes", "max_message_bytes", int, "largest websocket message (default 1 MiB)"),
+    ("--idle-timeout", "idle_timeout_s", float, "end sessions with no viewer and no audio after"),
+    ("--viewer-timeout", "viewer_timeout_s", float, "end sessions whose viewer went silent after"),
     ("--turn-username", "turn_username", str, "username for the TURN servers"),
     ("--turn-password", "turn_password", str, "password for the TURN servers"),
     ("--log-level", "log_level", str, "debug, info, warning or error"),
