@@ -167,6 +167,7 @@ class StreamingGenerator:
             )
         self._context_tokens = context
         self._prepared_context: PreparedContext | None = None
+        self._schedules: dict[int, FlowMatchSchedule] = {}
 
     @classmethod
     def from_bundle(
@@ -215,7 +216,10 @@ class StreamingGenerator:
 
     # ---- sessions ------------------------------------------------------------------------
     def schedule(self, steps: int | None = None) -> FlowMatchSchedule:
-        return FlowMatchSchedule(steps or self.config.steps, self.config.shift)
+        steps = steps or self.config.steps
+        if steps not in self._schedules:
+            self._schedules[steps] = FlowMatchSchedule(steps, self.config.shift)
+        return self._schedules[steps]
 
     def block_video_frames(self, block_index: int) -> int:
         return self.vae.frames_for(self.config.frames_per_block, block_index == 0)

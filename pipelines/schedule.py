@@ -8,6 +8,7 @@ x_{σ'} = x_σ + (σ' - σ) v. Few-step students (Self-Forcing, Live Avatar) use
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -26,14 +27,14 @@ class FlowMatchSchedule:
         if self.shift <= 0:
             raise ConfigError(f"shift must be positive, got {self.shift}")
 
-    @property
+    @cached_property
     def sigmas(self) -> list[float]:
         """steps + 1 noise levels from 1 down to 0 (the last is the clean sample)."""
         raw = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)
         shifted = self.shift * raw / (1 + (self.shift - 1) * raw)
         return [float(s) for s in shifted]
 
-    @property
+    @cached_property
     def timesteps(self) -> list[float]:
         """Model timesteps (σ·1000) of the `steps` denoising steps."""
         return [s * self.num_train_timesteps for s in self.sigmas[:-1]]
