@@ -1,0 +1,238 @@
+"""Pieces every multi-device worker shares: loading its part of the model, block conditions
+computed once and shipped, and the decode rank (the last worker of both strategies).
+
+The generator's own `prepare_block` computes audio features and projects them for every layer
+in one go. Across ranks those two halves separate: the first rank encodes the audio window once
+(the encoder is stateful per session, so it must run in one place, in order), the tokens travel
+with the latent, and each rank projects them for the layers it runs. `encode_audio` and
+`block_inputs` are exactly those two halves, so a block's conditions are bit-identical to the
+single-process engine's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.errors import ConfigError, DiffstreamError, InvalidAudioError
+from pipelines.executors.launch import WorkerContext
+from pipelines.executors.wire import LinkError, Message
+from pipelines.generator import BlockInputs, PipelineConfig, StreamingGenerator
+
+EXECUTOR_OPTIONS = (
+    "timeout_s",
+    "startup_timeout_s",
+    "heartbeat_s",
+    "max_inflight",
+    "max_restarts",
+    "threads",
+    "verbose",
+    "keep_latents",
+)
+PIPELINE_OPTIONS = tuple(f.name for f in dataclasses.fields(PipelineConfig)) + (
+    "height",
+    "width",
+    "dtype",
+)
+
+
+def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(executor options, pipeline overrides); unknown names are a ConfigError up front, before
+    any process starts, rather than a traceback from every worker."""
+    unknown = set(options) - set(EXECUTOR_OPTIONS) - set(PIPELINE_OPTIONS)
+    if unknown:
+        raise ConfigError(
+            f"unknown executor option(s): {', '.join(sorted(unknown))}; pipeline options are "
+            f"{', '.join(PIPELINE_OPTIONS)}"
+        )
+    executor = {k: v for k, v in options.items() if k in EXECUTOR_OPTIONS}
+    pipeline = {k: v for k, v in options.items() if k in PIPELINE_OPTIONS and v is not None}
+    dtype = pipeline.get("dtype")
+    if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise ConfigError(f"dtype {dtype!r} is not a torch dtype (try float32 or bfloat16)")
+    return executor, pipeline
+
+
+def load_generator(
+    ctx: WorkerContext, bundle: Any | None = None, **fixed: Any
+) -> StreamingGenerator:
+    """This rank's generator on its device (the whole model: a TPP step needs every layer)."""
+    from models.registry import load_model
+    from pipelines.executors.local import model_info
+
+    bundle = bundle or load_model(ctx.spec.model)
+    overrides = {
+        k: v for k, v in ctx.spec.options.items() if k in PIPELINE_OPTIONS and k != "dtype"
+    }
+    overrides.update(fixed)
+    gen = StreamingGenerator.from_bundle(bundle, device=ctx.device, dtype=ctx.dtype, **overrides)
+    ctx.model_info = {"info": asdict(model_info(gen, bundle.name))}
+    return gen
+
+
+def load_decoder(ctx: WorkerContext) -> Any:
+    """The decode rank holds only the autoencoder, never the transformer."""
+    from models.registry import load_model
+
+    bundle = load_model(ctx.spec.model)
+    vae = bundle.vae
+    bundle.dit = None  # let the transformer's weights go before anything reaches the device
+    if isinstance(vae, torch.nn.Module) or hasattr(vae, "to"):
+        vae.to(device=ctx.device, dtype=ctx.dtype)
+    return vae
+
+
+def encode_audio(
+    gen: StreamingGenerator, state: Any, audio: np.ndarray | None, block_index: int
+) -> torch.Tensor | None:
+    """A block's audio tokens [1, F, A, D] on the device (None when the model has no audio).
+    Mirrors StreamingGenerator.audio_features up to (not including) the per-layer projection."""
+    if gen.audio_encoder is None or not gen.model.config.audio_layers:
+        return None
+    expected = gen.block_samples(block_index)
+    if audio is None:
+        audio = np.zeros(expected, dtype=np.float32)
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    if audio.shape[0] != expected:
+        raise InvalidAudioError(
+            f"block {block_index} needs {expected} audio samples at "
+            f"{gen.audio_sample_rate} Hz, got {audio.shape[0]}"
+        )
+    feats = gen.audio_encoder.encode(
+        audio, gen.block_video_frames(block_index), gen.config.frames_per_block, state.audio_state
+    )
+    return feats[None].to(gen.device, gen.dtype)
+
+
+def block_inputs(
+    gen: StreamingGenerator,
+    block_index: int,
+    start_frame: int,
+    features: torch.Tensor | None,
+    noise: torch.Tensor,
+) -> BlockInputs:
+    """The BlockInputs prepare_block would have built, from shipped tokens (any rank)."""
+    f = gen.config.frames_per_block
+    positions = torch.arange(start_frame, start_frame + f, device=gen.device)
+    audio_kv = None
+    if features is not None:
+        with torch.inference_mode():
+            audio_kv = gen.model.prepare_audio(features)
+    return BlockInputs(
+        block_index=block_index,
+        start_frame=start_frame,
+        frame_positions=positions,
+        rope=gen.model.rotary(positions, gen.latent_h, gen.latent_w),
+        audio_kv=audio_kv,
+        noise=noise,
+        video_frames=gen.block_video_frames(block_index),
+    )
+
+
+def error_message(
+    session_id: str,
+    block_index: int | None,
+    exc: BaseException | str,
+    *,
+    drop: bool,
+    what: str = "block",
+) -> Message:
+    """An in-band error: it travels the rest of the pipeline (each rank drops the session when
+    `drop`) and the decode rank turns it into the block's or the open's answer."""
+    text = str(exc)
+    kind = type(exc).__name__ if isinstance(exc, DiffstreamError) else "ExecutorError"
+    return Message(
+        "error",
+        {
+            "session_id": session_id,
+            "block_index": block_index,
+            "error": text,
+            "error_type": kind,
+            "drop": drop,
+            "what": what,
+        },
+    )
+
+
+def run_decoder(ctx: WorkerContext, vae: Any) -> int:
+    """The last worker: streaming VAE decode of clean latents, frames back to the driver."""
+    import time
+
+    inbound = ctx.link_in()
+    to_driver = ctx.link_out()
+    ctx.listen(inbound, "up")
+    states: dict[str, Any] = {}
+    keep_latents = bool(ctx.spec.options.get("keep_latents"))
+    while True:
+        got = ctx.next_message()
+        if got is None:
+            continue
+        _, msg = got
+        m = msg.meta
+        kind = msg.kind
+        if kind == "block":
+            start = time.perf_counter()
+            sid = m["session_id"]
+            state = states.get(sid)
+            timings = dict(m.get("timings", {}))
+            reply: dict[str, Any] = {"session_id": sid, "block_index": m["block_index"]}
+            if state is None:
+                reply["error"] = f"session {sid!r} is not open on the decode rank"
+            else:
+                try:
+                    with torch.inference_mode():
+                        video = vae.decode_block(msg.tensors["latent"], state)
+                        reply["frames"] = vae.to_uint8(video)
+                    if keep_latents:  # a debugging tap: equivalence tests compare latents
+                        reply["latent"] = msg.tensors["latent"].float().cpu().numpy()
+                except DiffstreamError as exc:
+                    states.pop(sid, None)
+                    reply.update(error=str(exc), error_kind="session")
+                end = time.perf_counter()
+                timings["decode"] = end - start
+                timings["total"] = end - m.get("started", start)
+            reply["timings"] = timings
+            to_driver.send(Message("result", reply))
+            ctx.record("decode", sid, m["block_index"], start)
+        elif kind == "open":
+            states[m["session_id"]] = vae.new_state()
+            to_driver.send(Message("opened", {"session_id": m["session_id"]}))
+        elif kind == "error":
+            if m.get("drop"):
+                states.pop(m["session_id"], None)
+            if m.get("what") == "open":
+                to_driver.send(Message("opened", m))
+            else:
+                err_kind = (
+                    "session"
+                    if m.get("error_type") not in ("ExecutorError", "") and m.get("drop")
+                    else ""
+                )
+                to_driver.send(
+                    Message(
+                        "result",
+                        {
+                            "session_id": m["session_id"],
+                            "block_index": m["block_index"],
+                            "error": m["error"],
+                            "error_kind": err_kind,
+                            "dropped": bool(m.get("drop")),
+                        },
+                    )
+                )
+        elif kind == "close":
+            states.pop(m["session_id"], None)
+        elif kind == "ping":
+            to_driver.send(Message("pong", m))
+        elif kind == "stats":
+            ranks = [*m["ranks"], dict(ctx.stats(), role="decode", sessions=len(states))]
+            to_driver.send(Message("stats", {"request": m["request"], "ranks": ranks}))
+        elif kind == "stop":
+            to_driver.send(Message("stop"))
+            return 0
+        else:
+            raise LinkError(f"decode rank: unexpected message {kind!r}")

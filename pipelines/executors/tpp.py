@@ -1,0 +1,316 @@
+"""Timestep-forcing pipeline parallelism (TPP): one denoising step per device, one more decodes.
+
+    driver ─▶ rank 0 (step 0) ─▶ rank 1 (step 1) ─▶ … ─▶ rank S-1 (step S-1) ─▶ decode rank ─▶ driver
+
+In timestep-forcing mode step s reads and writes only cache s, written from that step's own noisy
+input, so rank s holds exactly the caches of its steps and no cache ever crosses a device: only
+the block's latent travels (torch.distributed point-to-point, NCCL between GPUs, gloo on CPU),
+together with the block's audio tokens, computed once on rank 0, which every rank needs for its
+audio cross-attention. While rank 1 runs step 1 of block b, rank 0 already runs step 0 of block
+b+1 (of the same session, or another's): once the pipeline is full one block leaves per stage
+time, and latency stays one block's S steps plus the hops.
+
+With fewer ranks than steps, rank r owns a contiguous range of steps (the later ranks take the
+extra ones, rank 0 also encodes audio). Every rank keeps per-session state (its step caches and
+the shared sink, built from the reference image it receives with the open) and drops it when the
+session closes; messages travel in one FIFO order, so a close or open reaches each rank exactly
+between the blocks it belongs between.
+
+Sink refresh (replace the sink by block 0's first clean frame) is the one backward dependency:
+the rank that finishes the last step sends that frame back to the earlier ranks, and each of
+them waits for it before it starts block 1 of that session, exactly as the single-process
+engine refreshes before block 1. Other sessions' blocks are not held up by more than that wait.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from models.errors import ConfigError, DiffstreamError
+from pipelines.executors import parse_devices
+from pipelines.executors.base import ModelInfo
+from pipelines.executors.launch import WorkerContext, check_devices
+from pipelines.executors.remote import PipelineExecutor
+from pipelines.executors.stages import (
+    block_inputs,
+    encode_audio,
+    error_message,
+    load_decoder,
+    load_generator,
+    run_decoder,
+    split_options,
+)
+from pipelines.executors.wire import Link, LinkError, Message
+from pipelines.generator import BlockInputs, SessionState, StreamingGenerator
+
+
+def split_steps(steps: int, ranks: int) -> list[range]:
+    """Contiguous step ranges, one per denoise rank, as even as possible; the later ranks take
+    the remainder (rank 0 also encodes audio). A rank may own no step when steps < ranks."""
+    if steps < 1 or ranks < 1:
+        raise ConfigError(f"cannot split {steps} steps over {ranks} ranks")
+    base, extra = divmod(steps, ranks)
+    out, start = [], 0
+    for r in range(ranks):
+        n = base + (1 if r >= ranks - extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+class TPPExecutor(PipelineExecutor):
+    """S denoise ranks + 1 decode rank behind the one Executor interface."""
+
+    worker_module: ClassVar[str] = "tpp"
+    strategy: ClassVar[str] = "tpp"
+    min_devices: ClassVar[int] = 2
+
+    @classmethod
+    def launch(
+        cls, *, model: str = "default", devices: str = "cpu:2", **options: Any
+    ) -> TPPExecutor:
+        """Start the workers (torch.multiprocessing, spawn) and wait until they are ready."""
+        executor_opts, pipeline = split_options(options)
+        mode = pipeline.get("cache_mode", "timestep_forcing")
+        if mode != "timestep_forcing":
+            raise ConfigError(
+                f"the tpp executor needs cache_mode=timestep_forcing (one cache per step), got "
+                f"{mode!r}; use --executor local for the re-encode mode"
+            )
+        pipeline["cache_mode"] = "timestep_forcing"
+        devs = parse_devices(devices)
+        check_devices(devs, cls.min_devices, "--executor tpp (steps + one decode rank)")
+        return cls(model=model, devices=devs, options=pipeline, **executor_opts)
+
+    def roles(self, info: ModelInfo) -> list[str]:
+        ranks = len(self.devices) - 1
+        parts = split_steps(info.steps, ranks)
+        roles = [
+            f"denoise step{'s' if len(r) != 1 else ''} {_fmt(r)}"
+            + (" + audio features" if i == 0 else "")
+            for i, r in enumerate(parts)
+        ]
+        return [*roles, "VAE decode"]
+
+
+def _fmt(r: range) -> str:
+    if len(r) == 0:
+        return "(none: forwards only)"
+    return str(r.start) if len(r) == 1 else f"{r.start}-{r.stop - 1}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------
+
+
+def load(ctx: WorkerContext) -> Any:
+    """Denoise ranks load the whole transformer (every step runs every layer); the decode rank
+    only the autoencoder."""
+    if ctx.last:
+        return load_decoder(ctx)
+    return load_generator(ctx, cache_mode="timestep_forcing")
+
+
+def run_worker(ctx: WorkerContext, state: Any) -> int:
+    if ctx.last:
+        return run_decoder(ctx, state)
+    return StepRank(ctx, state).run()
+
+
+@dataclass
+class _Session:
+    state: SessionState  # on a rank that owns no step: positions, noise and audio state only
+    own: range
+    deferred: BlockInputs | None = None  # block 0 waiting for its clean frame (sink refresh)
+
+
+class StepRank:
+    """One denoise rank: receive a block, run its own steps, pass the latent on."""
+
+    def __init__(self, ctx: WorkerContext, gen: StreamingGenerator) -> None:
+        self.ctx = ctx
+        self.gen = gen
+        self.ranks = ctx.workers - 1
+        self.rank = ctx.stage
+        self.sessions: dict[str, _Session] = {}
+        self.out = ctx.link_out()
+        self._refresh_in: Link | None = None
+        self._refresh_out: dict[int, Link] = {}
+        self._refreshes: dict[str, torch.Tensor] = {}  # arrived before they were needed
+
+    def run(self) -> int:
+        ctx = self.ctx
+        ctx.listen(ctx.link_in(), "up")
+        while True:
+            got = ctx.next_message()
+            if got is None:
+                continue
+            msg = got[1]
+            kind = msg.kind
+            if kind == "block":
+                self.block(msg)
+            elif kind == "open":
+                self.open(msg)
+            elif kind == "close":
+                self.sessions.pop(msg.meta["session_id"], None)
+                self._refreshes.pop(msg.meta["session_id"], None)
+                self.out.send(msg)
+            elif kind == "error":
+                if msg.meta.get("drop"):
+                    self.sessions.pop(msg.meta["session_id"], None)
+                self.out.send(msg)
+            elif kind == "stats":
+                info = dict(
+                    ctx.stats(),
+                    role=f"steps {_fmt(split_steps(self.gen.config.steps, self.ranks)[self.rank])}",
+                    sessions=len(self.sessions),
+                    cache_bytes=sum(s.state.cache_bytes() for s in self.sessions.values()),
+                    link_bytes=self.out.stats.tensor_bytes,
+                    link_messages=self.out.stats.messages,
+                )
+                msg.meta["ranks"] = [*msg.meta["ranks"], info]
+                self.out.send(msg)
+            elif kind == "ping":
+                self.out.send(msg)
+            elif kind == "stop":
+                self.out.send(msg)
+                return 0
+            else:
+                raise LinkError(f"rank {self.rank}: unexpected message {kind!r}")
+
+    # ---- sessions ------------------------------------------------------------------------------
+    def open(self, msg: Message) -> None:
+        m = msg.meta
+        sid = m["session_id"]
+        steps = m.get("steps") or self.gen.config.steps
+        try:
+            own = split_steps(steps, self.ranks)[self.rank]
+            state = self.gen.new_session(
+                m["reference"],
+                session_id=sid,
+                seed=m.get("seed", 0),
+                steps=steps,
+                sink_refresh=m.get("sink_refresh"),
+                cache_mode="timestep_forcing",
+                cache_steps=own,
+            )
+        except DiffstreamError as exc:
+            self.out.send(error_message(sid, None, exc, drop=True, what="open"))
+            return
+        self.sessions[sid] = _Session(state, own)
+        if self.rank == self.ranks - 1:
+            m = {k: v for k, v in m.items() if k != "reference"}  # the decode rank needs no image
+        self.out.send(Message("open", m))
+
+    # ---- one block -------------------------------------------------------------------------------
+    def block(self, msg: Message) -> None:
+        start = time.perf_counter()
+        m = msg.meta
+        sid, index = m["session_id"], m["block_index"]
+        sess = self.sessions.get(sid)
+        if sess is None:
+            self.out.send(error_message(sid, index, f"session {sid!r} is not open", drop=False))
+            return
+        gen = self.gen
+        timings = dict(m.get("timings", {}))
+        try:
+            if sess.deferred is not None:
+                self._apply_refresh(sid, sess)
+            state = sess.state
+            expected = state.block_index
+            if index != expected:
+                self.out.send(
+                    error_message(
+                        sid,
+                        index,
+                        f"block {index} submitted out of order (expected {expected})",
+                        drop=False,
+                    )
+                )
+                return
+            features = msg.tensors.get("features")
+            if self.rank == 0:
+                t0 = time.perf_counter()
+                features = encode_audio(gen, state, m.get("audio"), index)
+                noise = state.noise.next().to(gen.device, gen.dtype)
+                latent = noise
+                timings["features"] = time.perf_counter() - t0
+                start_frame = state.next_frame
+            else:
+                latent = msg.tensors["latent"]
+                start_frame = m["start_frame"]
+            steps_done = list(timings.get("denoise_steps", []))
+            inputs = block_inputs(gen, index, start_frame, features, latent)
+            for step in sess.own:
+                ts = time.perf_counter()
+                latent = gen.denoise_step(state, inputs, step, latent)
+                steps_done.append(time.perf_counter() - ts)
+            self._finish(sid, sess, inputs, latent)
+        except DiffstreamError as exc:
+            self.sessions.pop(sid, None)
+            self.out.send(error_message(sid, index, exc, drop=True))
+            return
+        timings["denoise_steps"] = steps_done
+        timings["denoise"] = sum(steps_done)
+        out_meta = {
+            "session_id": sid,
+            "block_index": index,
+            "start_frame": start_frame,
+            "submitted_at": m.get("submitted_at", 0.0),
+            "started": m.get("started", start),
+            "timings": timings,
+        }
+        tensors = {"latent": latent}
+        if features is not None and self.rank < self.ranks - 1:
+            tensors["features"] = features
+        self.out.send(Message("block", out_meta, tensors))
+        self.ctx.record("block", sid, index, start)
+
+    def _finish(self, sid: str, sess: _Session, inputs: BlockInputs, latent: torch.Tensor) -> None:
+        """Advance the session past this block; the sink refresh needs the clean latent, which
+        only the last step's rank has."""
+        gen, state = self.gen, sess.state
+        refresh = state.sink_refresh and inputs.block_index == 0 and gen.config.sink
+        last_step = sess.own.stop == state.steps
+        if not len(sess.own):  # no step here, so no sink to refresh: just move on
+            state.block_index += 1
+            state.next_frame += gen.config.frames_per_block
+        elif not refresh:
+            gen.finish_block(state, inputs, latent)  # timestep forcing: only advances positions
+        elif last_step:
+            gen.finish_block(state, inputs, latent)  # latent is clean: refreshes the sink here
+            frame = latent[:, :, :1].contiguous()
+            for r in range(self.rank):
+                if len(split_steps(state.steps, self.ranks)[r]):
+                    self._back_to(r).send(
+                        Message("refresh", {"session_id": sid}, {"frame": frame}), wait=False
+                    )
+        else:
+            sess.deferred = inputs  # finished when the clean frame comes back
+
+    def _apply_refresh(self, sid: str, sess: _Session) -> None:
+        """Wait for block 0's clean first frame (sent back by the last step's rank)."""
+        steps = sess.state.steps
+        owner = next(r for r, rng in enumerate(split_steps(steps, self.ranks)) if steps - 1 in rng)
+        if self._refresh_in is None:
+            self._refresh_in = self.ctx.link_back(owner)
+        while sid not in self._refreshes:
+            got = self._refresh_in.recv()
+            self._refreshes[got.meta["session_id"]] = got.tensors["frame"]
+        frame = self._refreshes.pop(sid)
+        inputs, sess.deferred = sess.deferred, None
+        # finish_block reads only the first latent frame of a refresh block.
+        self.gen.finish_block(sess.state, inputs, frame)
+        # Refreshes of sessions closed meanwhile are dropped here, so none piles up.
+        for other in [k for k in self._refreshes if k not in self.sessions]:
+            self._refreshes.pop(other)
+
+    def _back_to(self, rank: int) -> Link:
+        if rank not in self._refresh_out:
+            self._refresh_out[rank] = self.ctx.link_back(rank)
+        return self._refresh_out[rank]

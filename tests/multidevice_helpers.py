@@ -1,0 +1,108 @@
+"""Shared by the multi-device executor tests: single-process references, audio, process checks."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future
+
+import numpy as np
+import torch
+
+from pipelines.executors.base import ModelInfo
+from pipelines.generator import StreamingGenerator
+from pipelines.messages import BlockRequest, BlockResult
+
+
+def audio_blocks(info: ModelInfo, n: int, seed: int) -> list[np.ndarray]:
+    """Random speech-level audio windows of the exact length each block needs."""
+    rng = np.random.default_rng(seed)
+    return [(0.1 * rng.standard_normal(info.block_samples(i))).astype(np.float32) for i in range(n)]
+
+
+def reference_blocks(
+    gen: StreamingGenerator,
+    reference: np.ndarray,
+    audio: list[np.ndarray],
+    *,
+    seed: int,
+    sink_refresh: bool = False,
+) -> list[tuple[torch.Tensor, np.ndarray]]:
+    """(clean latent, frames) of each block from the single-process engine, step by step
+    exactly as generate_block runs them (which returns frames only)."""
+    state = gen.new_session(reference, seed=seed, sink_refresh=sink_refresh)
+    out = []
+    for a in audio:
+        inputs = gen.prepare_block(state, a)
+        x = inputs.noise
+        for step in range(state.steps):
+            x = gen.denoise_step(state, inputs, step, x)
+        gen.finish_block(state, inputs, x)
+        out.append((x.float().clone(), gen.decode(state, x)))
+    return out
+
+
+def submit_all(executor, requests: list[BlockRequest]) -> dict[tuple[str, int], Future]:
+    return {(r.session_id, r.block_index): executor.submit(r) for r in requests}
+
+
+def results(
+    futures: dict[tuple[str, int], Future], timeout: float
+) -> dict[tuple[str, int], BlockResult]:
+    return {k: f.result(timeout=timeout) for k, f in futures.items()}
+
+
+def request(session_id: str, index: int, audio: np.ndarray) -> BlockRequest:
+    return BlockRequest(session_id, index, audio, submitted_at=time.perf_counter())
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (a zombie is dead, just not yet reaped)."""
+    try:
+        import psutil
+
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    except ImportError:  # /proc fallback
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+
+def children_of(pid: int) -> list[int]:
+    """Live descendants of `pid` (psutil, or /proc when psutil is missing)."""
+    try:
+        import psutil
+
+        return [c.pid for c in psutil.Process(pid).children(recursive=True) if pid_alive(c.pid)]
+    except ImportError:
+        parents: dict[int, int] = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat") as f:
+                        parents[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                except OSError:
+                    continue
+        out, frontier = [], [pid]
+        while frontier:
+            p = frontier.pop()
+            kids = [c for c, pp in parents.items() if pp == p]
+            out += kids
+            frontier += kids
+        return [c for c in out if pid_alive(c)]
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """The pids still alive after up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if pid_alive(p)]
+        if not alive:
+            return []
+        time.sleep(0.05)
+    return [p for p in pids if pid_alive(p)]
