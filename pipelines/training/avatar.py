@@ -1,276 +1,74 @@
 """A procedural talking avatar, rendered with numpy fast enough to make training sets on a CPU.
 
-Every identity (face shape, skin, hair, eyes, background, clothing) is drawn once into float
-layers with soft, anti-aliased edges (an `AvatarRig`); a frame then only repaints the mouth and
-eyelid patches and moves the head with a bilinear sub-pixel shift over the background. The mouth
-always sits in a known box (`mouth_box`), so metrics can measure it from pixels alone.
-
-The mouth is driven by audio the way a face moves: openness follows loudness, width/roundness
-follows the spectral shape (rounded vowels have little energy above ~1.2 kHz), eyes blink every
-few seconds and the head drifts slowly (`drive_from_audio`).
+Every identity (`identity.Identity`) is drawn once into float layers with soft, anti-aliased
+edges (an `AvatarRig`); a frame then only repaints the mouth and eyelid patches and moves the
+head with a bilinear sub-pixel shift over the background. The mouth always sits in a known box
+(`mouth_box`), so metrics can measure it from pixels alone. Face controls come from audio
+(`face_track.drive_from_audio`); this module re-exports both neighbours' public names so that
+`avatar` is the one place to import from.
 """
 
 from __future__ import annotations
 
-import colorsys
 import functools
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
-from .speech import loudness_envelope, num_video_frames
-
-Color = tuple[int, int, int]
-
-MAX_HEAD_SHIFT = 0.025  # largest head offset in either direction, as a fraction of frame size
-NEUTRAL_ROUND = 0.3  # mouth roundness at rest (reference image, silence)
-MOUTH_CENTER_Y = 0.6  # every face is placed so its mouth sits here (fraction of frame height)
-HAIR_STYLES = ("short", "long", "buzz", "bun", "side_part", "afro", "bob")
-BACKGROUND_STYLES = ("vertical", "horizontal", "radial", "blobs")
-NECKLINES = ("round", "v", "collar")
-
-# Parameter ranges of `sample_identity`; `default_mouth_box` covers all of them.
-_FACE_WIDTH = (0.175, 0.205)  # face half-width, fraction of frame size
-_FACE_ASPECT = (1.22, 1.40)  # face half-height / half-width
-_MOUTH_WIDTH = (0.36, 0.46)  # mouth half-width / face half-width
-_MOUTH_BELOW_CENTRE = 0.58  # mouth height below the face centre / face half-height
-_SKIN_TONES = np.array(
-    [
-        (255, 226, 204),
-        (241, 198, 165),
-        (226, 175, 136),
-        (200, 140, 100),
-        (165, 108, 74),
-        (126, 82, 56),
-        (92, 60, 42),
-    ],
-    dtype=np.float64,
+from .face_track import (
+    MAX_HEAD_SHIFT,
+    NEUTRAL_ROUND,
+    FaceTrack,
+    blink_track,
+    drive_from_audio,
+    head_motion,
+    mouth_openness_from_loudness,
+    spectral_roundness,
 )
-_HAIR_COLOURS = (
-    (28, 24, 24),
-    (58, 40, 30),
-    (105, 72, 44),
-    (140, 66, 36),
-    (205, 170, 110),
-    (165, 163, 160),
-    (228, 226, 220),
-)
-_IRIS_COLOURS = (
-    (70, 45, 30),
-    (40, 28, 22),
-    (70, 110, 165),
-    (80, 120, 80),
-    (120, 100, 60),
-    (110, 120, 130),
+from .identity import (
+    BACKGROUND_STYLES,
+    HAIR_STYLES,
+    MOUTH_CENTER_Y,
+    NECKLINES,
+    Color,
+    FaceLayout,
+    Identity,
+    default_mouth_box,
+    face_layout,
+    luma,
+    mouth_box,
+    mouth_extent,
+    mouth_opening_height,
+    mouth_opening_width,
+    sample_identity,
 )
 
-
-@dataclass(frozen=True)
-class Identity:
-    """Everything that makes one avatar look like itself; hashable so its rig can be cached."""
-
-    face_width: float  # face half-width, fraction of frame size
-    face_aspect: float  # face half-height / half-width
-    chin_taper: float  # 0: an ellipse; larger: a narrower jaw
-    skin: Color
-    hair_style: int  # index into HAIR_STYLES
-    hair: Color
-    hairline: float  # hairline height above the face centre, fraction of face half-height
-    eye_width: float  # eye half-width / face half-width
-    eye_aspect: float  # eye half-height / eye half-width
-    eye_spacing: float  # eye centre offset from the midline / face half-width
-    iris: Color
-    brow_weight: float
-    lips: Color
-    mouth_width: float  # mouth half-width / face half-width
-    background: Color
-    background2: Color
-    background_style: int  # index into BACKGROUND_STYLES
-    clothing: Color
-    neckline: int  # index into NECKLINES
-    texture_seed: int  # hair streaks, background blobs
-
-
-def _hsv(h: float, s: float, v: float) -> Color:
-    r, g, b = colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0))
-    return (round(r * 255), round(g * 255), round(b * 255))
-
-
-def _luma(c: Color) -> float:
-    return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
-
-
-def sample_identity(rng: np.random.Generator) -> Identity:
-    """Draw an identity from a large space of faces, hair, eyes, clothes and backgrounds."""
-    pos = rng.uniform(0, len(_SKIN_TONES) - 1)
-    i = int(pos)
-    skin_f = _SKIN_TONES[i] + (pos - i) * (
-        _SKIN_TONES[min(i + 1, len(_SKIN_TONES) - 1)] - _SKIN_TONES[i]
-    )
-    skin_f = np.clip(skin_f * rng.uniform(0.95, 1.04) + rng.normal(0, 4, 3), 0, 255)
-    skin = tuple(int(v) for v in skin_f)
-
-    if rng.random() < 0.1:  # dyed
-        hair = _hsv(rng.random(), rng.uniform(0.4, 0.8), rng.uniform(0.4, 0.85))
-    else:
-        base = np.array(_HAIR_COLOURS[rng.integers(len(_HAIR_COLOURS))], dtype=np.float64)
-        hair = tuple(int(v) for v in np.clip(base * rng.uniform(0.85, 1.15), 0, 255))
-
-    lips_f = np.clip(skin_f * np.array([0.86, 0.6, 0.62]) + np.array([14, 0, 4]), 0, 255)
-    lips = tuple(int(v) for v in lips_f)
-
-    # Backgrounds keep some contrast with the face so the head stays clearly visible.
-    hue = rng.random()
-    sat = rng.uniform(0.08, 0.65)
-    val = rng.uniform(0.3, 0.95)
-    if abs(val * 255 - _luma(skin)) < 50:
-        val = val + 0.35 if val < 0.6 else val - 0.35
-    background = _hsv(hue, sat, val)
-    background2 = _hsv(
-        hue + rng.uniform(-0.12, 0.12), sat * rng.uniform(0.6, 1.3), val * rng.uniform(0.55, 0.95)
-    )
-    clothing = _hsv(rng.random(), rng.uniform(0.1, 0.85), rng.uniform(0.2, 0.9))
-
-    return Identity(
-        face_width=float(rng.uniform(*_FACE_WIDTH)),
-        face_aspect=float(rng.uniform(*_FACE_ASPECT)),
-        chin_taper=float(rng.uniform(0.05, 0.3)),
-        skin=skin,
-        hair_style=int(rng.integers(len(HAIR_STYLES))),
-        hair=hair,
-        hairline=float(rng.uniform(0.45, 0.62)),
-        eye_width=float(rng.uniform(0.17, 0.23)),
-        eye_aspect=float(rng.uniform(0.45, 0.62)),
-        eye_spacing=float(rng.uniform(0.38, 0.46)),
-        iris=_IRIS_COLOURS[rng.integers(len(_IRIS_COLOURS))],
-        brow_weight=float(rng.uniform(0.6, 1.2)),
-        lips=lips,
-        mouth_width=float(rng.uniform(*_MOUTH_WIDTH)),
-        background=background,
-        background2=background2,
-        background_style=int(rng.integers(len(BACKGROUND_STYLES))),
-        clothing=clothing,
-        neckline=int(rng.integers(len(NECKLINES))),
-        texture_seed=int(rng.integers(2**31)),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# geometry
-
-
-@dataclass(frozen=True)
-class FaceLayout:
-    """Feature positions in frame pixels for an identity at one size (head centred).
-
-    Faces differ in size and shape, but the mouth is always at the same place (centred at
-    MOUTH_CENTER_Y), so one mouth box fits every identity tightly.
-    """
-
-    size: int
-    cx: float
-    cy: float
-    a: float  # face half-width
-    b: float  # face half-height
-    eye_y: float
-    eye_dx: float
-    eye_w: float
-    eye_h: float
-    mouth_y: float
-    mouth_w: float  # mouth half-width at rest
-
-    @property
-    def max_open_h(self) -> float:
-        return _open_height(1.0, 1.0, self.mouth_w)
-
-    @property
-    def lip_up(self) -> float:
-        return 0.2 * self.mouth_w
-
-    @property
-    def lip_lo(self) -> float:
-        return 0.26 * self.mouth_w
-
-
-def _layout(
-    face_width: float, face_aspect: float, mouth_width: float, identity: Identity | None, size: int
-) -> FaceLayout:
-    a = face_width * size
-    b = a * face_aspect
-    cy = MOUTH_CENTER_Y * size - _MOUTH_BELOW_CENTRE * b
-    eye_w = (identity.eye_width if identity else 0.2) * a
-    return FaceLayout(
-        size=size,
-        cx=0.5 * size,
-        cy=cy,
-        a=a,
-        b=b,
-        eye_y=cy - 0.08 * b,
-        eye_dx=(identity.eye_spacing if identity else 0.42) * a,
-        eye_w=eye_w,
-        eye_h=eye_w * (identity.eye_aspect if identity else 0.5),
-        mouth_y=MOUTH_CENTER_Y * size,
-        mouth_w=mouth_width * a,
-    )
-
-
-def face_layout(identity: Identity, size: int = 128) -> FaceLayout:
-    """Where an identity's face, eyes and mouth are drawn at `size` (before head motion)."""
-    return _layout(identity.face_width, identity.face_aspect, identity.mouth_width, identity, size)
-
-
-def _open_width(mouth_open: float, mouth_round: float, mouth_w: float) -> float:
-    return mouth_w * (1.1 - 0.35 * mouth_round) * (1.0 + 0.06 * mouth_open)
-
-
-def _open_height(mouth_open: float, mouth_round: float, mouth_w: float) -> float:
-    return mouth_w * (0.03 + 0.45 * mouth_open) * (0.85 + 0.3 * mouth_round)
-
-
-def _mouth_extent(lay: FaceLayout) -> tuple[float, float, float, float]:
-    """Box around the mouth at its widest and most open, with the head centred."""
-    half_w = _open_width(1.0, 0.0, lay.mouth_w) + 0.08 * lay.mouth_w
-    h = lay.max_open_h
-    top = lay.mouth_y - 0.4 * h - lay.lip_up
-    bottom = lay.mouth_y + 1.6 * h + lay.lip_lo
-    return lay.cx - half_w, top, lay.cx + half_w, bottom
-
-
-def _box_with_margin(
-    extent: tuple[float, float, float, float], size: int
-) -> tuple[int, int, int, int]:
-    margin = MAX_HEAD_SHIFT * size + 2.0  # + anti-aliasing and bilinear spread
-    x0, y0, x1, y1 = extent
-    return (
-        max(0, math.floor(x0 - margin)),
-        max(0, math.floor(y0 - margin)),
-        min(size, math.ceil(x1 + margin)),
-        min(size, math.ceil(y1 + margin)),
-    )
-
-
-def mouth_box(identity: Identity, size: int = 128) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1), end-exclusive: where this identity's mouth can be in any frame.
-
-    Covers the widest, most open mouth at the largest head offset, so pixel metrics can crop it
-    without knowing the head motion.
-    """
-    return _box_with_margin(_mouth_extent(face_layout(identity, size)), size)
-
-
-def default_mouth_box(size: int = 128) -> tuple[int, int, int, int]:
-    """A mouth box valid for every identity `sample_identity` can draw (for unknown references)."""
-    x0 = y0 = math.inf
-    x1 = y1 = -math.inf
-    for fw in _FACE_WIDTH:
-        for fa in _FACE_ASPECT:
-            for mw in _MOUTH_WIDTH:
-                ex0, ey0, ex1, ey1 = _mouth_extent(_layout(fw, fa, mw, None, size))
-                x0, y0, x1, y1 = min(x0, ex0), min(y0, ey0), max(x1, ex1), max(y1, ey1)
-    return _box_with_margin((x0, y0, x1, y1), size)
-
+__all__ = [
+    "BACKGROUND_STYLES",
+    "HAIR_STYLES",
+    "MAX_HEAD_SHIFT",
+    "MOUTH_CENTER_Y",
+    "NECKLINES",
+    "NEUTRAL_ROUND",
+    "AvatarRig",
+    "FaceLayout",
+    "FaceTrack",
+    "Identity",
+    "avatar_rig",
+    "blink_track",
+    "default_mouth_box",
+    "drive_from_audio",
+    "face_layout",
+    "head_motion",
+    "mouth_box",
+    "mouth_openness_from_loudness",
+    "reference_image",
+    "render_clip",
+    "render_frame",
+    "render_track",
+    "sample_identity",
+    "spectral_roundness",
+]
 
 # --------------------------------------------------------------------------------------------
 # drawing primitives (premultiplied RGBA float32 layers, colours in [0, 1])
@@ -485,7 +283,7 @@ class AvatarRig:
         # Eyes (open) and brows.
         for side in (-1.0, 1.0):
             self._draw_eye(layer, cx + side * lay.eye_dx)
-        brow_col = _rgb(ident.hair) * 0.75 if _luma(ident.hair) < 150 else skin * 0.45
+        brow_col = _rgb(ident.hair) * 0.75 if luma(ident.hair) < 150 else skin * 0.45
         for side in (-1.0, 1.0):
             bx = cx + side * (lay.eye_dx + 0.1 * lay.eye_w)
             by = lay.eye_y - lay.eye_h - 0.06 * b - 0.012 * s
@@ -628,7 +426,7 @@ class AvatarRig:
 
     def _prepare_mouth(self) -> None:
         lay = self.layout
-        x0, y0, x1, y1 = _mouth_extent(lay)
+        x0, y0, x1, y1 = mouth_extent(lay)
         rows, cols = self._patch(x0 - 2, y0 - 2, x1 + 2, y1 + 2)
         self._mouth_rows, self._mouth_cols = rows, cols
         self._mouth_static = self.head[rows, cols].copy()
@@ -644,8 +442,8 @@ class AvatarRig:
     def _paint_mouth(self, mouth_open: float, mouth_round: float) -> None:
         lay = self.layout
         mw = lay.mouth_w
-        w = _open_width(mouth_open, mouth_round, mw)
-        h = _open_height(mouth_open, mouth_round, mw)
+        w = mouth_opening_width(mouth_open, mouth_round, mw)
+        h = mouth_opening_height(mouth_open, mouth_round, mw)
         yc = lay.mouth_y + 0.6 * h
         dx = self._mouth_dx
         dy = self._mouth_y - yc
@@ -757,138 +555,6 @@ def render_frame(
 def reference_image(identity: Identity, size: int = 128) -> np.ndarray:
     """The identity as the model sees it before speaking: mouth closed, eyes open, centred."""
     return render_frame(identity, 0.0, NEUTRAL_ROUND, 0.0, 0.0, 0.0, size)
-
-
-# --------------------------------------------------------------------------------------------
-# driving the face from audio
-
-
-class FaceTrack(NamedTuple):
-    """Per-video-frame face controls (float32 [T] each), as `render_frame` takes them."""
-
-    mouth_open: np.ndarray
-    mouth_round: np.ndarray
-    blink: np.ndarray
-    head_dx: np.ndarray
-    head_dy: np.ndarray
-
-
-def _smooth3(x: np.ndarray, side: float = 0.2) -> np.ndarray:
-    """Zero-phase three-tap smoothing (no lag, unlike a causal filter)."""
-    if x.size < 3:
-        return x.copy()
-    padded = np.pad(x, 1, mode="edge")
-    return side * padded[:-2] + (1 - 2 * side) * padded[1:-1] + side * padded[2:]
-
-
-def mouth_openness_from_loudness(envelope: np.ndarray, release: float = 0.5) -> np.ndarray:
-    """Map the loudness envelope to mouth openness: instant attack, a short release.
-
-    Quiet frames (below ~0.15 of the envelope: about 34 dB under loud speech) keep the mouth
-    closed; a little centred smoothing and a decay of `release` per frame avoid a jittery mouth
-    without delaying its opening.
-    """
-    target = np.clip((envelope - 0.15) / 0.8, 0.0, 1.0)
-    target = _smooth3(target, 0.15)
-    out = np.empty_like(target)
-    level = 0.0
-    for i, value in enumerate(target):
-        level = max(float(value), level * release)
-        out[i] = level
-    return out.astype(np.float32)
-
-
-def spectral_roundness(
-    audio: np.ndarray, sample_rate: int, fps: float, envelope: np.ndarray
-) -> np.ndarray:
-    """Mouth roundness per frame from how much voiced energy lies below ~1.2 kHz.
-
-    Rounded vowels (o, u) have a low second formant, spread ones (i, e) a high one, so the ratio
-    of 300-1200 Hz to 1200-3500 Hz energy, normalised over the clip's voiced frames, tracks lip
-    rounding. Quiet frames relax to the neutral roundness.
-    """
-    n = envelope.size
-    if n == 0:
-        return np.zeros(0, dtype=np.float32)
-    x = np.asarray(audio, dtype=np.float32).reshape(-1)
-    win = int(math.ceil(sample_rate / fps))
-    starts = np.floor(np.arange(n) * (sample_rate / fps) + 0.5).astype(np.int64)
-    x = np.pad(x, (0, max(0, int(starts[-1]) + win - x.size)))
-    frames = np.lib.stride_tricks.sliding_window_view(x, win)[starts] * np.hanning(win).astype(
-        np.float32
-    )
-    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
-    freqs = np.fft.rfftfreq(win, 1.0 / sample_rate)
-    low = power[:, (freqs >= 300) & (freqs < 1200)].sum(axis=1)
-    high = power[:, (freqs >= 1200) & (freqs < 3500)].sum(axis=1)
-    ratio = 10.0 * np.log10((low + 1e-10) / (high + 1e-10))
-    voiced = envelope > 0.35
-    if voiced.sum() < 3:
-        return np.full(n, NEUTRAL_ROUND, dtype=np.float32)
-    lo, hi = np.percentile(ratio[voiced], [15.0, 85.0])
-    raw = np.clip((ratio - lo) / max(hi - lo, 1.0), 0.0, 1.0)
-    weight = np.clip((envelope - 0.2) / 0.3, 0.0, 1.0)
-    return _smooth3(weight * raw + (1.0 - weight) * NEUTRAL_ROUND).astype(np.float32)
-
-
-def blink_track(num_frames: int, fps: float, rng: np.random.Generator) -> np.ndarray:
-    """Blinks every ~3-5 s, each 3-4 frames at 25 fps (about 0.12-0.16 s)."""
-    blink = np.zeros(num_frames, dtype=np.float32)
-    t = rng.uniform(0.3, 4.0)
-    while True:
-        start = int(round(t * fps))
-        if start >= num_frames:
-            break
-        length = max(3, int(round(rng.uniform(0.11, 0.165) * fps)))
-        shape = np.sin(np.pi * (np.arange(length) + 1) / (length + 1)) ** 0.6
-        shape = np.minimum(shape / shape.max(), 1.0)
-        end = min(num_frames, start + length)
-        blink[start:end] = shape[: end - start]
-        t += rng.uniform(2.8, 5.2)
-    return blink
-
-
-def head_motion(
-    num_frames: int, fps: float, rng: np.random.Generator, envelope: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Slow, small head drift (sums of 0.05-0.4 Hz sinusoids), with a slight nod on loud speech."""
-    t = np.arange(num_frames) / fps
-    out = []
-    for axis in range(2):
-        wave = np.zeros(num_frames)
-        for _ in range(3):
-            wave += rng.uniform(0.3, 1.0) * np.sin(
-                2 * np.pi * rng.uniform(0.05, 0.4) * t + rng.uniform(0, 2 * np.pi)
-            )
-        peak = np.max(np.abs(wave)) if num_frames else 1.0
-        wave *= rng.uniform(0.3, 0.8) * MAX_HEAD_SHIFT / max(peak, 1e-6)
-        if axis == 1 and envelope is not None and envelope.size == num_frames:
-            wave += 0.15 * MAX_HEAD_SHIFT * np.convolve(envelope, np.ones(5) / 5, mode="same")
-        out.append(np.clip(wave, -MAX_HEAD_SHIFT, MAX_HEAD_SHIFT).astype(np.float32))
-    return out[0], out[1]
-
-
-def drive_from_audio(
-    audio: np.ndarray,
-    sample_rate: int,
-    fps: float,
-    rng: np.random.Generator | None = None,
-    num_frames: int | None = None,
-) -> FaceTrack:
-    """Face controls for every video frame of `audio` (frame i covers samples round(i*sr/fps)...).
-
-    Openness follows the loudness envelope, roundness the spectral shape; blinks and head motion
-    are random (from `rng`) and independent of the audio apart from a slight nod.
-    """
-    rng = rng if rng is not None else np.random.default_rng()
-    if num_frames is None:
-        num_frames = num_video_frames(np.asarray(audio).size, sample_rate, fps)
-    env = loudness_envelope(audio, sample_rate, fps, num_frames=num_frames)
-    mouth_open = mouth_openness_from_loudness(env)
-    mouth_round = spectral_roundness(audio, sample_rate, fps, env)
-    blink = blink_track(num_frames, fps, rng)
-    dx, dy = head_motion(num_frames, fps, rng, env)
-    return FaceTrack(mouth_open, mouth_round, blink, dx, dy)
 
 
 def render_track(identity: Identity, track: FaceTrack, size: int = 128) -> np.ndarray:
