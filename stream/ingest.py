@@ -95,6 +95,12 @@ class AudioIngest:
             raise InvalidAudioError('binary audio arrived before the "start" message')
         return self._append(self._resampler.push(data))
 
+    def close(self) -> None:
+        """Drop the buffer and the resampler now: PyAV's filter graph holds native threads, and
+        waiting for the garbage collector to find the session's reference cycles leaks them."""
+        self.interrupt()
+        self._resampler = None
+
     def finish(self) -> int:
         """End of input: push what the resampler still holds."""
         return self._drain_resampler()

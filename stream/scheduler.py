@@ -84,7 +84,7 @@ class BlockScheduler:
         self._draining = False
         self._stopped = False
         self._repeats_seen = 0
-        self._out_resampler = StreamingResampler(
+        self._out_resampler: StreamingResampler | None = StreamingResampler(
             self.info.audio_sample_rate, 1, "f32le", AUDIO_RATE
         )
         self._out_fifo = np.zeros(0, dtype=np.float32)
@@ -130,6 +130,7 @@ class BlockScheduler:
         its worker still completes.
         """
         self._in_flight.clear()
+        self._out_resampler = None  # native threads of PyAV's filter graph go with it
 
     # Loop -------------------------------------------------------------------------------------
 
@@ -239,6 +240,8 @@ class BlockScheduler:
         return True
 
     def _to_viewer_audio(self, audio: np.ndarray) -> np.ndarray:
+        if self._out_resampler is None:
+            return np.zeros(0, dtype=np.float32)
         out = self._out_resampler.push(np.ascontiguousarray(audio, dtype=np.float32).tobytes())
         return np.asarray(out, dtype=np.float32)
 

@@ -37,6 +37,10 @@ class ViewerConflict(DiffstreamError):
 
 def check_offer(offer: Offer) -> SessionDescription:
     """Parse the offer and insist on a video section the service can send into."""
+    if not offer.sdp.lstrip().startswith("v=0"):
+        raise OfferError(
+            "the offer is not SDP (it must start with 'v=0'); send pc.localDescription"
+        )
     try:
         parsed = SessionDescription.parse(offer.sdp)
     except Exception as exc:
