@@ -169,7 +169,14 @@ class WorkerGroup:
 
     def dead(self) -> list[tuple[int, int | None]]:
         """(stage, exit code) of every worker that has exited."""
-        return [(s, p.exitcode) for s, p in enumerate(self.processes) if not p.is_alive()]
+        out = []
+        for s, p in enumerate(self.processes):
+            try:
+                if not p.is_alive():
+                    out.append((s, p.exitcode))
+            except ValueError:  # closed by kill(): reaped, gone
+                out.append((s, None))
+        return out
 
     def describe_death(self) -> str:
         """Name the worker most likely at fault: a signal or an error before a lost peer."""
@@ -182,16 +189,25 @@ class WorkerGroup:
             return 0 if code is not None and code < 0 else 2 if code == EXIT_PEER_LOST else 1
 
         stage, code = sorted(dead, key=rank)[0]
+        who = f"worker rank {stage} ({self.devices[stage]})"
         if code is not None and code < 0:
             with contextlib.suppress(ValueError):
-                how = f"was killed by {signal.Signals(-code).name}"
-                return f"worker rank {stage} ({self.devices[stage]}) {how}"
+                return f"{who} was killed by {signal.Signals(-code).name}"
+        if code == EXIT_PEER_LOST:
+            return f"{who} gave up on a neighbour that died or hung: {self.exit_reason(stage)}"
         what = {
-            EXIT_PEER_LOST: "lost a neighbour",
             EXIT_ORPHAN: "lost the driver",
             EXIT_ERROR: "failed (see its log above)",
         }.get(code or 0, f"exited with code {code}")
-        return f"worker rank {stage} ({self.devices[stage]}) {what}"
+        return f"{who} {what}"
+
+    def exit_reason(self, stage: int) -> str:
+        """The last words a worker left in the store before exiting (which link broke)."""
+        key = f"exit/{stage}"
+        with contextlib.suppress(Exception):
+            if self.store is not None and self.store.check([key]):
+                return self.store.get(key).decode()
+        return "no reason recorded"
 
     def wait_ready(self) -> list[dict[str, Any]]:
         """Wait for every worker's ready key, failing fast when one dies first."""
@@ -401,6 +417,9 @@ def _rss() -> int:
         return 0
 
 
+_STORE: list[Any] = []  # this worker's store client, for its last words (see worker_main)
+
+
 def _watch_parent(parent_pid: int) -> None:
     """Exit when the driver's process is gone (re-parented), whatever state this rank is in."""
     while True:
@@ -419,6 +438,9 @@ def worker_main(spec: WorkerSpec) -> None:
         code = _run_worker(spec)
     except LinkError as exc:
         print(f"diffstream worker rank {spec.stage}: {exc}", file=sys.stderr, flush=True)
+        if _STORE:
+            with contextlib.suppress(Exception):
+                _STORE[0].set(f"exit/{spec.stage}", str(exc))
         code = EXIT_PEER_LOST
     except BaseException:
         print(f"diffstream worker rank {spec.stage} failed:", file=sys.stderr, flush=True)
@@ -448,6 +470,7 @@ def _run_worker(spec: WorkerSpec) -> int:
         False,
         timeout=datetime.timedelta(seconds=spec.startup_timeout_s),
     )
+    _STORE.append(store)
     ctx = WorkerContext(spec=spec, device=device, dtype=dtype)
 
     if spec.serial_load and spec.stage > 0:

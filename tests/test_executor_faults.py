@@ -1,0 +1,171 @@
+"""Faults of the multi-process executors: a worker killed or hung mid-stream ends the streams with
+a clear error within the timeout, leaves no process behind, and the executor streams again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from models.errors import ExecutorError
+from pipelines.executors.tpp import TPPExecutor
+from pipelines.messages import SessionSpec
+from pipelines.reference import default_reference
+from tests.multidevice_helpers import (
+    audio_blocks,
+    children_of,
+    pid_alive,
+    request,
+    submit_all,
+    wait_gone,
+)
+
+TIMEOUT_S = 5.0
+pytestmark = pytest.mark.distributed
+
+
+def _worker_children() -> list[int]:
+    """Spawned executor workers still alive under this test process (not mp's resource tracker)."""
+    out = []
+    for pid in children_of(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "spawn_main" in cmd:
+            out.append(pid)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tpp():
+    ex = TPPExecutor.launch(
+        model="tiny",
+        devices="cpu:3",
+        threads=1,
+        timeout_s=TIMEOUT_S,
+        heartbeat_s=1.0,
+        max_restarts=5,
+        verbose=False,
+    )
+    yield ex
+    pids = ex.pids()
+    ex.close()
+    assert wait_gone(pids, 10) == []
+
+
+def _stream_until_first_result(ex, sid: str, n: int = 8):
+    info = ex.info
+    ex.open_session(SessionSpec(sid, default_reference(info.height, info.width), seed=1))
+    audio = audio_blocks(info, n, 0)
+    futs = submit_all(ex, [request(sid, i, audio[i]) for i in range(n)])
+    first = futs[sid, 0].result(timeout=60)
+    assert first.ok, first.error
+    return futs
+
+
+def _streams_again(ex, sid: str) -> None:
+    info = ex.info
+    ex.open_session(SessionSpec(sid, default_reference(info.height, info.width), seed=2))
+    audio = audio_blocks(info, 3, 0)
+    futs = submit_all(ex, [request(sid, i, audio[i]) for i in range(3)])
+    for f in futs.values():
+        r = f.result(timeout=60)
+        assert r.ok, r.error
+        assert r.frames.shape[1:] == (info.height, info.width, 3)
+    ex.close_session(sid)
+
+
+def test_killed_worker_ends_streams_and_executor_restarts(tpp):
+    futs = _stream_until_first_result(tpp, "victim")
+    pids = tpp.pids()
+    killed = pids[1]
+    t0 = time.monotonic()
+    os.kill(killed, signal.SIGKILL)
+    errors = []
+    for f in futs.values():
+        r = f.result(timeout=TIMEOUT_S + 5)  # every future resolves, none hangs
+        if not r.ok:
+            errors.append(r.error)
+    elapsed = time.monotonic() - t0
+    assert errors, "the kill landed after the stream ended; nothing was tested"
+    assert elapsed < TIMEOUT_S + 2
+    assert all("rank 1" in e and "SIGKILL" in e for e in errors), errors
+    assert not tpp.healthy()
+    assert "rank 1" in tpp.failure
+    assert wait_gone(pids, 10) == []  # the other ranks were stopped too
+    assert _worker_children() == []
+    with pytest.raises(ExecutorError):
+        tpp.submit(request("victim", 99, audio_blocks(tpp.info, 1, 0)[0]))
+    _streams_again(tpp, "after-kill")  # open_session starts a fresh group
+    assert tpp.healthy() and set(tpp.pids()).isdisjoint(pids)
+
+
+def test_hung_worker_is_detected_within_the_timeout(tpp):
+    futs = _stream_until_first_result(tpp, "frozen")
+    pids = tpp.pids()
+    t0 = time.monotonic()
+    os.kill(pids[1], signal.SIGSTOP)  # alive, holds its sockets, answers nothing
+    try:
+        errors = [
+            r.error for r in (f.result(timeout=3 * TIMEOUT_S) for f in futs.values()) if not r.ok
+        ]
+        elapsed = time.monotonic() - t0
+    finally:
+        if pid_alive(pids[1]):
+            os.kill(pids[1], signal.SIGCONT)
+    assert errors
+    assert elapsed < TIMEOUT_S + 4, elapsed
+    assert not tpp.healthy()
+    assert wait_gone(pids, 10) == []
+    _streams_again(tpp, "after-hang")
+
+
+def test_close_leaves_no_process_and_refuses_work():
+    ex = TPPExecutor.launch(
+        model="tiny", devices="cpu:2", threads=1, timeout_s=TIMEOUT_S, verbose=False
+    )
+    pids = ex.pids()
+    assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+    ex.close()
+    ex.close()  # idempotent
+    assert wait_gone(pids, 10) == []
+    assert not ex.healthy()
+    with pytest.raises(ExecutorError):
+        ex.open_session(SessionSpec("x", default_reference(ex.info.height, ex.info.width)))
+
+
+def test_workers_exit_when_the_service_process_is_killed(tmp_path):
+    """kill -9 of the service: no cleanup code runs there, the workers still go away."""
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from pipelines.executors.tpp import TPPExecutor
+        if __name__ == "__main__":
+            ex = TPPExecutor.launch(model="tiny", devices="cpu:2", threads=1, verbose=False)
+            print(" ".join(map(str, ex.pids())), flush=True)
+            time.sleep(600)
+        """
+    )
+    path = tmp_path / "service.py"
+    path.write_text(script)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen(
+        [sys.executable, str(path)], stdout=subprocess.PIPE, text=True, env=env, cwd=os.getcwd()
+    )
+    try:
+        line = proc.stdout.readline()
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 2, line
+        proc.kill()
+        proc.wait(10)
+        assert wait_gone(pids, 10) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
