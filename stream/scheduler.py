@@ -30,6 +30,8 @@ from stream.timeline import AUDIO_RATE, MediaTimeline, MediaUnit
 log = logging.getLogger(__name__)
 
 BUSY_RETRY_S = 0.01
+REPEAT_WINDOW_S = 2.0  # how far back "behind real time" looks
+REPEAT_SHARE = 0.1  # share of repeated frames in that window that means behind
 
 
 @dataclass
@@ -83,7 +85,7 @@ class BlockScheduler:
         self._wake = asyncio.Event()
         self._draining = False
         self._stopped = False
-        self._repeats_seen = 0
+        self._repeat_history: deque[tuple[float, int]] = deque()
         self._out_resampler: StreamingResampler | None = StreamingResampler(
             self.info.audio_sample_rate, 1, "f32le", AUDIO_RATE
         )
@@ -185,17 +187,33 @@ class BlockScheduler:
                 return 1.0
         return 0.0 if self._submit(window) else BUSY_RETRY_S
 
-    def _maybe_degrade(self) -> None:
-        """Drop whole windows when video ran dry while audio kept piling up (behind real time)."""
+    def behind_real_time(self) -> bool:
+        """True when over the last REPEAT_WINDOW_S more than REPEAT_SHARE of the slots repeated
+        a frame. A hiccup repeats a frame or two; an engine slower than real time repeats
+        continuously. (A client sending faster than real time is not behind: it fills the
+        buffer, but the video keeps up.)"""
+        now = self.clock()
         repeats = self.timeline.repeated_slots
-        behind = repeats > self._repeats_seen
-        self._repeats_seen = repeats
-        if self.degrade != "drop" or not behind:
+        history = self._repeat_history
+        if not history or now - history[-1][0] >= 0.1:
+            history.append((now, repeats))
+        while len(history) > 1 and now - history[0][0] > REPEAT_WINDOW_S:
+            history.popleft()
+        span = now - history[0][0]
+        if span < REPEAT_WINDOW_S / 2:
+            return False
+        return (repeats - history[0][1]) > REPEAT_SHARE * span * self.info.fps
+
+    def _maybe_degrade(self) -> None:
+        """Policy "drop": when behind real time with audio piling up past max_backlog_s, drop
+        whole windows of the oldest audio (never generated, never shown), down to half the limit,
+        so the viewer's delay stays bounded instead of growing with the stream."""
+        if self.degrade != "drop" or not self.behind_real_time():
             return
         if self.ingest.buffered_seconds <= self.max_backlog_s:
             return
         n = self.info.block_samples(max(1, self.next_index))
-        keep = n + self.ingest.cushion
+        keep = max(n, int(self.max_backlog_s / 2 * self.info.audio_sample_rate))
         windows = (self.ingest.buffered_samples - keep) // n
         if windows <= 0:
             return

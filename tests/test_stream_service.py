@@ -407,3 +407,66 @@ def test_stop_plays_out_and_the_recording_holds_video_and_audio(
         frames = sum(1 for _ in container.decode(video=0))
         duration = container.duration / 1e6
     assert frames >= 50 and 2.0 <= duration <= 6.0, (frames, duration)
+
+
+# Interrupt and degradation -----------------------------------------------------------------------
+
+
+def test_interrupt_cuts_queued_speech_at_once(service: ServiceProcess) -> None:
+    async def run() -> tuple[AvatarClient, float, dict]:
+        client = AvatarClient(service.base, token=TOKEN)
+        await client.create()
+        await client.watch()
+        await asyncio.wait_for(client.first_video.wait(), 30)
+        await client.open_audio(16000)
+        # A TTS backend sends 8 s of speech at once; the service queues it (bounded) and plays
+        # it at real time.
+        await client.send_pcm(speech_like(8.0), 16000, realtime=False)
+        await asyncio.sleep(2.0)
+        await client.control("interrupt")
+        reply = json.loads(await asyncio.wait_for(client.ws.recv(), 5))
+        cut = time.monotonic()
+        await asyncio.sleep(2.0)
+        await client.close()
+        return client, cut, reply
+
+    client, cut, reply = asyncio.run(run())
+    assert reply["type"] == "interrupted"
+    audio = client.received.audio
+    before = [r for t, _, r in audio if cut - 1.5 <= t < cut]
+    after = [r for t, _, r in audio if cut + 0.5 <= t < cut + 2.0]
+    assert np.mean(np.array(before) > 0.05) > 0.3, "speech was playing before the interrupt"
+    assert max(after) < 0.01, "speech still playing 0.5 s after the interrupt"
+    video_after = [t for t, _ in client.received.video if cut + 0.5 <= t < cut + 2.0]
+    assert len(video_after) >= 30, "the avatar kept moving (idling) after the interrupt"
+
+
+def test_behind_real_time_drops_blocks_on_purpose_and_counts_them(
+    service: ServiceProcess,
+) -> None:
+    """A session asking for many more steps than real time allows: the service keeps the video
+    moving, drops whole blocks of audio instead of letting latency grow, and says so."""
+    before = service.metrics()
+
+    async def run() -> AvatarClient:
+        client = AvatarClient(service.base, token=TOKEN)
+        await client.create(steps=48)
+        await client.watch()
+        await asyncio.wait_for(client.first_video.wait(), 60)
+        await client.open_audio(16000)
+        await client.send_pcm(speech_like(6.0), 16000)
+        await asyncio.sleep(1.5)
+        await client.close()
+        return client
+
+    client = asyncio.run(run())
+    after = service.metrics()
+    key = 'diffstream_blocks_dropped_total{reason="behind_real_time"}'
+    dropped = after.get(key, 0) - before.get(key, 0)
+    stats = client.received.stats[-1]
+    print(f"slow session: {stats}")
+    assert stats["block_ms"] > 1000 * 3 / 25, "the session was not actually behind real time"
+    assert dropped > 0 and stats["dropped_blocks"] > 0
+    # Latency stays bounded by the backlog limit instead of growing with the stream.
+    assert max(s["audio_buffer_s"] for s in client.received.stats) < 1.5 + 0.5
+    assert client.video_fps(client.received.video[0][0], client.received.video[-1][0]) >= 20
