@@ -77,17 +77,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         torch.set_num_threads(settings.torch_threads())
 
-        log.info(
-            "loading model %r on %s (%s executor)",
-            settings.model,
-            settings.devices,
-            settings.executor,
-        )
+        devices = settings.resolved_devices()
+        log.info("loading model %r on %s (%s executor)", settings.model, devices, settings.executor)
         executor = await asyncio.to_thread(
             build_executor,
             settings.executor,
             model=settings.model,
-            devices=settings.devices,
+            devices=devices,
             **settings.executor_options(),
         )
         info = executor.info

@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from models.errors import SessionError
 from pipelines.executors.base import Executor
 from pipelines.messages import SessionSpec
@@ -238,9 +240,8 @@ class Session:
             "dropped_blocks": self.scheduler.blocks_dropped,
             "blocks": self.scheduler.blocks_done,
             "latency_ms": round(statistics.median(lat) * 1000, 1) if lat else None,
-            "block_ms": round(statistics.median(self.scheduler.recent_block_latency) * 1000, 1)
-            if self.scheduler.recent_block_latency
-            else None,
+            "block_ms": _percentile_ms(self.scheduler.recent_block_latency, 50),
+            "block_ms_p95": _percentile_ms(self.scheduler.recent_block_latency, 95),
             "audio_buffer_s": round(self.ingest.buffered_seconds, 3),
             "queued_frames": self.timeline.queued_frames,
         }
@@ -415,6 +416,12 @@ class SessionManager:
                     and session._idle_for() > self.settings.idle_timeout_s
                 ):
                     await session.close("idle", "no viewer connected")
+
+
+def _percentile_ms(values: Any, q: float) -> float | None:
+    if not values:
+        return None
+    return round(float(np.percentile(np.fromiter(values, float), q)) * 1000, 1)
 
 
 def _close_code(outcome: str, message: str | None) -> tuple[int, str]:

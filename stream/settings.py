@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     # Engine: which model, on what, behind which executor.
     model: str = "default"
     executor: Literal["local", "tpp", "dualparal"] = "local"
-    devices: str = "cpu"
+    devices: str = Field("cpu", description="cpu, cuda, cuda:0,cuda:1, cpu:N, or auto")
     steps: int | None = Field(None, ge=1, le=64, description="denoising steps per block")
     block_frames: int | None = Field(
         None, ge=1, le=64, description="latent frames per block (None: the model's default)"
@@ -126,6 +126,14 @@ class Settings(BaseSettings):
                 }
             )
         return servers
+
+    def resolved_devices(self) -> str:
+        """`auto` is cuda when torch sees a GPU, else cpu (the container image's default)."""
+        if self.devices.strip().lower() != "auto":
+            return self.devices
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def torch_threads(self) -> int:
         """Threads for torch on CPU; oversubscribing a busy machine stalls every block."""

@@ -16,7 +16,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--port", "port", int, "TCP port (default 8000)"),
     ("--model", "model", str, "model name or path (default: the embedded default model)"),
     ("--executor", "executor", str, "local, tpp or dualparal (default local)"),
-    ("--devices", "devices", str, "cpu, cuda, cuda:0,cuda:1 or cpu:N (default cpu)"),
+    ("--devices", "devices", str, "cpu, cuda, cuda:0,cuda:1, cpu:N or auto (default cpu)"),
     ("--steps", "steps", int, "denoising steps per block (default: the model's)"),
     ("--block-frames", "block_frames", int, "latent frames per block (default: the model's)"),
     ("--threads", "threads", int, "torch CPU threads (default: all cores but one)"),
