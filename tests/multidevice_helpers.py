@@ -14,6 +14,23 @@ from pipelines.generator import StreamingGenerator
 from pipelines.messages import BlockRequest, BlockResult
 
 
+def save_test_model(path, num_layers: int = 2) -> str:
+    """The tiny model with its audio cross-attention switched on (random output projections;
+    a fresh model starts with them at zero, so audio would change nothing and an executor that
+    lost the audio on the way would still pass). Saved to `path` for the worker processes."""
+    from models.registry import build_tiny
+
+    bundle = build_tiny(num_layers=num_layers)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for blk in bundle.dit.blocks:
+            if blk.audio_attn is not None:
+                w = blk.audio_attn.to_out[0].weight
+                w.copy_(torch.randn(w.shape, generator=g) * 0.5)
+    bundle.save(path)
+    return str(path)
+
+
 def audio_blocks(info: ModelInfo, n: int, seed: int) -> list[np.ndarray]:
     """Random speech-level audio windows of the exact length each block needs."""
     rng = np.random.default_rng(seed)

@@ -8,8 +8,10 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from models.errors import ConfigError, SessionError
+from pipelines.executors.local import model_info
 from pipelines.executors.tpp import TPPExecutor, split_steps
 from pipelines.generator import StreamingGenerator
 from pipelines.messages import SessionSpec
@@ -19,6 +21,7 @@ from tests.multidevice_helpers import (
     reference_blocks,
     request,
     results,
+    save_test_model,
     submit_all,
 )
 
@@ -50,16 +53,32 @@ def test_launch_rejects_bad_options_before_starting_processes():
 
 
 @pytest.fixture(scope="module")
-def reference_gen():
+def model_dir(tmp_path_factory):
+    return save_test_model(tmp_path_factory.mktemp("tiny-audio"))
+
+
+@pytest.fixture(scope="module")
+def reference_gen(model_dir):
     from models.registry import load_model
 
-    return StreamingGenerator.from_bundle(load_model("tiny"), cache_mode="timestep_forcing")
+    return StreamingGenerator.from_bundle(load_model(model_dir), cache_mode="timestep_forcing")
+
+
+def test_audio_reaches_the_latents_of_the_test_model(reference_gen):
+    """Otherwise the equivalence below would pass even if a rank lost the audio tokens."""
+    info = model_info(reference_gen, "tiny")
+    ref = default_reference(info.height, info.width)
+    audio = audio_blocks(info, 2, seed=0)
+    base = reference_blocks(reference_gen, ref, audio, seed=1)
+    other = reference_blocks(reference_gen, ref, [audio[0], -3 * audio[1]], seed=1)
+    assert torch.equal(base[0][0], other[0][0])
+    assert not torch.allclose(base[1][0], other[1][0], atol=1e-3)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2-step-ranks", "4-step-ranks"])
-def tpp(request):
+def tpp(request, model_dir):
     ex = TPPExecutor.launch(
-        model="tiny",
+        model=model_dir,
         devices=f"cpu:{request.param + 1}",
         threads=1,
         timeout_s=30,

@@ -110,8 +110,9 @@ class PipelineExecutor(Executor):
         self._start()
 
     # ---- layout, overridden by the strategies --------------------------------------------------
-    def roles(self, info: ModelInfo) -> list[str]:
-        """What each worker rank does, for the placement printout."""
+    def roles(self, info: ModelInfo, ready: list[dict[str, Any]]) -> list[str]:
+        """What each worker rank does, for the placement printout (`ready`: what each worker
+        reported when it had loaded its part)."""
         raise NotImplementedError
 
     # ---- life cycle -----------------------------------------------------------------------------
@@ -137,7 +138,7 @@ class PipelineExecutor(Executor):
             group.kill()
             raise
         self.info = ModelInfo(**ready[0]["info"])
-        roles = self.roles(self.info)
+        roles = self.roles(self.info, ready)
         self.placement = [
             f"rank {r['stage']}  {r['device']:<8} pid {r['pid']:<7} {role}"
             for r, role in zip(ready, roles, strict=True)

@@ -86,7 +86,7 @@ class TPPExecutor(PipelineExecutor):
         check_devices(devs, cls.min_devices, "--executor tpp (steps + one decode rank)")
         return cls(model=model, devices=devs, options=pipeline, **executor_opts)
 
-    def roles(self, info: ModelInfo) -> list[str]:
+    def roles(self, info: ModelInfo, ready: list[dict[str, Any]]) -> list[str]:
         ranks = len(self.devices) - 1
         parts = split_steps(info.steps, ranks)
         roles = [
