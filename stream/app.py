@@ -209,7 +209,13 @@ def _install_routes(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -
         return [{"name": n, "url": f"/v1/references/{n}"} for n in shipped_references()]
 
     @app.get("/v1/references/{name}", tags=["demo"], response_class=FileResponse)
-    async def get_reference(name: str) -> FileResponse:
+    async def get_reference(name: str, request: Request) -> Response:
+        """A shipped reference image; `default` is the one sessions without an image get."""
+        if name == "default":
+            return Response(
+                await asyncio.to_thread(_png, request.app.state.default_reference),
+                media_type="image/png",
+            )
         path = shipped_references().get(name)
         if path is None:
             raise HTTPException(404, f"no shipped reference image named {name!r}")
@@ -319,7 +325,14 @@ def _install_routes(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -
     @app.get("/v1/sessions/{session_id}", tags=["sessions"], dependencies=auth)
     async def get_session(session_id: str, request: Request) -> dict[str, Any]:
         session = manager(request).get(session_id)
-        return {**session.describe().model_dump(), "stats": session.stats()}
+        base = f"/v1/sessions/{session.id}"
+        return {
+            **session.describe().model_dump(),
+            "offer_url": f"{base}/offer",
+            "audio_url": f"{base}/audio",
+            "ice_servers": settings.ice_servers(),
+            "stats": session.stats(),
+        }
 
     @app.delete("/v1/sessions/{session_id}", tags=["sessions"], dependencies=auth, status_code=204)
     async def delete_session(session_id: str, request: Request) -> Response:
@@ -417,6 +430,16 @@ async def _read_session_request(
         if len(image) > max_image_bytes:
             raise HTTPException(413, f"image larger than {max_image_bytes} bytes")
     return options, image
+
+
+def _png(image: Any) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _origin_allowed(websocket: WebSocket, allowed: list[str]) -> bool:

@@ -6,15 +6,21 @@ least 20 frames per second for 10 seconds, counted in the page with requestVideo
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import time
+import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stream.harness import ServiceProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -94,3 +100,77 @@ def test_browser_plays_the_avatar_at_20_fps_for_10_seconds(service: ServiceProce
     while service.health()["sessions"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert service.health()["sessions"] == 0
+
+
+def _docs_example() -> str:
+    """The Python client example of docs/service.md, exactly as a reader would copy it."""
+    text = (ROOT / "docs" / "service.md").read_text()
+    start = text.index("```python\n") + len("```python\n")
+    return text[start : text.index("```", start)]
+
+
+def _speech_wav(path: Path, seconds: float = 12.0) -> Path:
+    """Speech from espeak-ng when the machine has it, else speech-like tones (16-bit WAV)."""
+    espeak = shutil.which("espeak-ng")
+    if espeak:
+        text = "This avatar is generated block by block, in real time. " * 3
+        subprocess.run([espeak, "-w", str(path), text], check=True, capture_output=True)
+        return path
+    sr = 16000
+    t = np.arange(int(seconds * sr)) / sr
+    voice = np.sin(2 * np.pi * 150 * t) * (np.sin(2 * np.pi * 3 * t) > 0)
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(sr)
+        wav.writeframes((0.3 * voice * 32767).astype("<i2").tobytes())
+    return path
+
+
+def test_a_program_feeds_a_session_that_the_page_watches(
+    service: ServiceProcess, tmp_path: Path
+) -> None:
+    """The README flow: a program (the docs' example, verbatim) creates a session and streams a
+    WAV over the websocket; the page opened at the URL it prints shows the avatar."""
+    from playwright.sync_api import sync_playwright
+
+    script = tmp_path / "send_audio.py"
+    script.write_text(_docs_example())
+    wav = _speech_wav(tmp_path / "speech.wav")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), service.base, str(wav)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = proc.stdout.readline().strip()
+        assert first.startswith("watch at "), first
+        url = first.removeprefix("watch at ")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+            )
+            try:
+                page = browser.new_page()
+                page.goto(url)
+                page.wait_for_function(
+                    "window.diffstream && window.diffstream.presentedFrames > 10", timeout=30_000
+                )
+                f0 = page.evaluate("window.diffstream.presentedFrames")
+                page.wait_for_timeout(4_000)
+                f1 = page.evaluate("window.diffstream.presentedFrames")
+                state = page.evaluate("window.diffstream")
+            finally:
+                browser.close()
+        assert (f1 - f0) / 4.0 >= 20, f"page presented {(f1 - f0) / 4:.1f} fps"
+        assert state["error"] is None, state["error"]
+        # The program's speech drove the frames: the session's stats saw real audio arrive.
+        assert state["stats"]["latency_ms"] is not None
+        out, _ = proc.communicate(timeout=60)  # "stop": played out, then the socket closes
+        assert proc.returncode == 0, out
+        assert '"type": "started"' in out or '"type":"started"' in out
+        assert '"stopping"' in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

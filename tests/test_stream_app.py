@@ -41,6 +41,9 @@ def test_page_docs_sample_audio_and_config(client: TestClient) -> None:
     assert {"/v1/sessions", "/v1/sessions/{session_id}/offer", "/healthz", "/metrics"} <= set(paths)
     audio = client.get("/v1/sample-audio")
     assert audio.status_code == 200 and audio.content[:4] == b"OggS"
+    ref = client.get("/v1/references/default")
+    assert ref.status_code == 200 and ref.content[:4] == b"\x89PNG"
+    assert client.get("/v1/references/nope.png").status_code == 404
     config = client.get("/v1/config").json()
     assert config["fps"] == 25.0 and config["auth_required"] is False
     health = client.get("/healthz").json()

@@ -1,8 +1,9 @@
 // diffstream browser client: create a session, watch it over WebRTC, talk to it over a websocket.
 // Plain ES module, no build step. Query parameters:
 //   ?autostart=1&audio=URL  start with the default reference and stream that audio file
-//   &token=T                bearer token when the server requires one
 //   &loop=1                 repeat the audio file
+//   ?session=ID             watch a session a program created (the program sends the audio)
+//   &token=T                bearer token when the server requires one
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -106,10 +107,15 @@ async function connect() {
   state.error = null;
   setStatus("creating session…");
   try {
-    const form = new FormData();
-    const image = await referenceBlob();
-    if (image) form.append("image", image, image.name || "reference.png");
-    session = await api("POST", "/v1/sessions", form);
+    const watchOnly = params.get("session");
+    if (watchOnly) {
+      session = await api("GET", `/v1/sessions/${encodeURIComponent(watchOnly)}`);
+    } else {
+      const form = new FormData();
+      const image = await referenceBlob();
+      if (image) form.append("image", image, image.name || "reference.png");
+      session = await api("POST", "/v1/sessions", form);
+    }
     state.sessionId = session.session_id;
     setStatus("connecting video…");
 
@@ -139,10 +145,15 @@ async function connect() {
       { "Content-Type": "application/json" },
     );
     await pc.setRemoteDescription(answer);
-    await openAudioSocket();
     state.status = "connected";
-    setStatus("connected — talk with the microphone or play a file");
-    for (const id of ["disconnect", "mic", "sample", "audio-file", "interrupt", "stop"]) $(id).disabled = false;
+    $("disconnect").disabled = false;
+    if (watchOnly) {
+      setStatus(`watching session ${watchOnly}; its audio comes from the program that created it`);
+    } else {
+      await openAudioSocket();
+      setStatus("connected — talk with the microphone or play a file");
+      for (const id of ["mic", "sample", "audio-file", "interrupt", "stop"]) $(id).disabled = false;
+    }
     $("overlay").classList.add("hidden");
   } catch (err) {
     state.status = "error";
@@ -198,7 +209,7 @@ async function disconnect(deleteSession = true) {
   if (fileSender) fileSender.cancel();
   if (ws) { try { ws.close(1000, "bye"); } catch {} ws = null; }
   if (pc) { const p = pc; pc = null; p.close(); }
-  if (session && deleteSession) {
+  if (session && deleteSession && !params.get("session")) {
     try { await api("DELETE", `/v1/sessions/${session.session_id}`); } catch {}
   }
   session = null;
@@ -374,7 +385,9 @@ function wire() {
   $("unmute").onclick = () => { $("avatar").muted = false; $("unmute").hidden = true; };
   window.addEventListener("pagehide", () => {
     // keepalive lets the DELETE outlive the page, so the server frees the session at once.
-    if (session) fetch(`/v1/sessions/${session.session_id}`, { method: "DELETE", keepalive: true, headers: authHeaders() });
+    if (session && !params.get("session")) {
+      fetch(`/v1/sessions/${session.session_id}`, { method: "DELETE", keepalive: true, headers: authHeaders() });
+    }
   });
   countFrames();
 }
@@ -382,7 +395,7 @@ function wire() {
 async function main() {
   wire();
   await loadReferences();
-  if (params.get("autostart") === "1") {
+  if (params.get("autostart") === "1" || params.get("session")) {
     await connect();
     const audio = params.get("audio");
     if (audio && state.status === "connected") {
