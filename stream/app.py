@@ -253,6 +253,8 @@ def _install_routes(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -
             "height": info.height,
             "fps": info.fps,
             "audio_sample_rate": info.audio_sample_rate,
+            "frames_per_block": info.frames_per_block,
+            "steps": info.steps,
             "max_message_bytes": settings.max_message_bytes,
         }
 

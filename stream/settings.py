@@ -149,7 +149,7 @@ class Settings(BaseSettings):
         if self.steps is not None:
             options["steps"] = self.steps
         if self.block_frames is not None:
-            options["block_frames"] = self.block_frames
+            options["frames_per_block"] = self.block_frames
         return options
 
 

@@ -113,7 +113,8 @@ class MediaTimeline:
         if self._start is None:
             return now + (len(self._queue) + extra_frames) / self.fps
         current = int((now - self._start) * self.fps)
-        first_free = max(self._next_slot, current + 1) + len(self._queue) + extra_frames
+        # The queue's head goes to the next undecided slot, which is never before the current one.
+        first_free = max(self._next_slot, current) + len(self._queue) + extra_frames
         return self._start + first_free / self.fps
 
     # Clock -------------------------------------------------------------------------------------

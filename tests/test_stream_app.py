@@ -50,6 +50,15 @@ def test_page_docs_sample_audio_and_config(client: TestClient) -> None:
     assert health["status"] == "ok" and health["model"] == "tiny"
 
 
+def test_block_size_and_steps_settings_reach_the_engine() -> None:
+    with TestClient(create_app(_settings(block_frames=2, steps=2))) as c:
+        small = c.get("/v1/config").json()
+    with TestClient(create_app(_settings())) as c:
+        default = c.get("/v1/config").json()
+    assert small["steps"] == 2 and default["steps"] == 4
+    assert small["frames_per_block"] < default["frames_per_block"]
+
+
 def test_each_app_has_its_own_metrics_registry() -> None:
     with TestClient(create_app(_settings())) as a, TestClient(create_app(_settings())) as b:
         sid = a.post("/v1/sessions").json()["session_id"]
