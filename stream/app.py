@@ -37,6 +37,7 @@ from models.errors import (
     InvalidImageError,
     SessionError,
 )
+from pipelines.executors.base import Executor
 from stream.ingest import AudioIngest
 from stream.metrics import ServiceMetrics
 from stream.protocol import (
@@ -63,29 +64,39 @@ log = logging.getLogger(__name__)
 SAMPLE_AUDIO = "sample.ogg"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the service from one settings object; the model loads when the app starts."""
+def load_engine(settings: Settings) -> Executor:
+    """Load the model behind the chosen executor (blocking: seconds to minutes)."""
+    import torch
+
+    from pipelines.executors import build_executor
+
+    torch.set_num_threads(settings.torch_threads())
+    devices = settings.resolved_devices()
+    log.info("loading model %r on %s (%s executor)", settings.model, devices, settings.executor)
+    return build_executor(
+        settings.executor,
+        model=settings.model,
+        devices=devices,
+        **settings.executor_options(),
+    )
+
+
+def create_app(settings: Settings | None = None, *, executor: Executor | None = None) -> FastAPI:
+    """Build the service from one settings object.
+
+    The model loads when the app starts, unless `diffstream serve` already loaded it (so a bad
+    model name is one line on the terminal, not a traceback from inside the server); either way
+    the app owns the executor and closes it when it stops.
+    """
     settings = settings or Settings()
     metrics = ServiceMetrics()
+    preloaded = executor
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        import torch
-
-        from pipelines.executors import build_executor
         from pipelines.reference import default_reference
 
-        torch.set_num_threads(settings.torch_threads())
-
-        devices = settings.resolved_devices()
-        log.info("loading model %r on %s (%s executor)", settings.model, devices, settings.executor)
-        executor = await asyncio.to_thread(
-            build_executor,
-            settings.executor,
-            model=settings.model,
-            devices=devices,
-            **settings.executor_options(),
-        )
+        executor = preloaded or await asyncio.to_thread(load_engine, settings)
         info = executor.info
         app.state.executor = executor
         app.state.default_reference = await asyncio.to_thread(
@@ -276,6 +287,8 @@ def _install_routes(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -
                                 "seed": {"type": "integer"},
                                 "steps": {"type": "integer"},
                                 "sink_refresh": {"type": "boolean"},
+                                "width": {"type": "integer"},
+                                "height": {"type": "integer"},
                             },
                         }
                     },
@@ -297,6 +310,12 @@ def _install_routes(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -
             )
         options, image = await _read_session_request(request, settings.max_image_bytes)
         info = request.app.state.executor.info
+        asked = (options.width or info.width, options.height or info.height)
+        if asked != (info.width, info.height):
+            raise ConfigError(
+                f"this server generates {info.width}x{info.height}; a session cannot change the "
+                f"resolution (asked {asked[0]}x{asked[1]}); start the server with --width/--height"
+            )
         if image is None:
             reference = request.app.state.default_reference
         else:

@@ -166,6 +166,8 @@ class SessionOptions(BaseModel):
     seed: int = Field(0, ge=0, le=2**63 - 1)
     steps: int | None = Field(None, ge=1, le=64)
     sink_refresh: bool = False
+    width: int | None = Field(None, description="must match the server's model (or omit it)")
+    height: int | None = Field(None, description="must match the server's model (or omit it)")
     image_base64: str | None = Field(
         None, description="reference image, base64 (PNG/JPEG/WebP); omitted: the default avatar"
     )

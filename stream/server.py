@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from pipelines.executors.base import Executor
 from stream.app import create_app
 from stream.settings import Settings
 
@@ -16,10 +17,10 @@ from stream.settings import Settings
 WS_SIZE_SLACK = 64 * 1024
 
 
-def build_server(settings: Settings) -> uvicorn.Server:
+def build_server(settings: Settings, executor: Executor | None = None) -> uvicorn.Server:
     """A uvicorn server for `create_app(settings)`; call `.run()` or `await .serve()`."""
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, executor=executor),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

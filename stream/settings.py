@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     block_frames: int | None = Field(
         None, ge=1, le=64, description="latent frames per block (None: the model's default)"
     )
+    height: int | None = Field(None, ge=16, le=4096, description="video height (model's default)")
+    width: int | None = Field(None, ge=16, le=4096, description="video width (model's default)")
     threads: int | None = Field(
         None,
         ge=1,
@@ -150,6 +152,10 @@ class Settings(BaseSettings):
             options["steps"] = self.steps
         if self.block_frames is not None:
             options["frames_per_block"] = self.block_frames
+        if self.height is not None:
+            options["height"] = self.height
+        if self.width is not None:
+            options["width"] = self.width
         return options
 
 

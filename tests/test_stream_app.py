@@ -50,9 +50,13 @@ def test_page_docs_sample_audio_and_config(client: TestClient) -> None:
     assert health["status"] == "ok" and health["model"] == "tiny"
 
 
-def test_block_size_and_steps_settings_reach_the_engine() -> None:
-    with TestClient(create_app(_settings(block_frames=2, steps=2))) as c:
+def test_block_size_steps_and_resolution_settings_reach_the_engine() -> None:
+    with TestClient(create_app(_settings(block_frames=2, steps=2, height=96, width=64))) as c:
         small = c.get("/v1/config").json()
+        assert c.post("/v1/sessions", json={"width": 64, "height": 96}).status_code == 201
+        wrong = c.post("/v1/sessions", json={"width": 128})
+        assert wrong.status_code == 400 and "64x96" in wrong.json()["detail"]
+    assert (small["width"], small["height"]) == (64, 96)
     with TestClient(create_app(_settings())) as c:
         default = c.get("/v1/config").json()
     assert small["steps"] == 2 and default["steps"] == 4

@@ -19,6 +19,8 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--devices", "devices", str, "cpu, cuda, cuda:0,cuda:1, cpu:N or auto (default cpu)"),
     ("--steps", "steps", int, "denoising steps per block (default: the model's)"),
     ("--block-frames", "block_frames", int, "latent frames per block (default: the model's)"),
+    ("--height", "height", int, "video height (default: the model's)"),
+    ("--width", "width", int, "video width (default: the model's)"),
     ("--threads", "threads", int, "torch CPU threads (default: all cores but one)"),
     ("--max-sessions", "max_sessions", int, "concurrent sessions before refusing (default 4)"),
     ("--auth-token", "auth_token", str, "require this bearer token on the API"),
@@ -59,8 +61,14 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from stream.app import load_engine
     from stream.server import build_server
 
-    server = build_server(settings)
-    server.run()
+    # Load before the server starts: a model that cannot load is a one-line error (exit 2).
+    executor = load_engine(settings)
+    server = build_server(settings, executor)
+    try:
+        server.run()
+    finally:
+        executor.close()  # idempotent; the app already closed it unless startup failed
     return 0 if server.started else 1
