@@ -242,20 +242,16 @@ function toS16(samples) {
 
 async function decodeToMono(arrayBuffer) {
   // Decode with WebAudio, then render mono at SEND_RATE with an offline context (its resampler).
-  const ctx = new AudioContext();
-  try {
-    const decoded = await ctx.decodeAudioData(arrayBuffer);
-    const frames = Math.ceil(decoded.duration * SEND_RATE);
-    const offline = new OfflineAudioContext(1, frames, SEND_RATE);
-    const src = offline.createBufferSource();
-    src.buffer = decoded;
-    src.connect(offline.destination);
-    src.start();
-    const rendered = await offline.startRendering();
-    return rendered.getChannelData(0);
-  } finally {
-    ctx.close();
-  }
+  // Offline contexts need no user gesture, so this also works for ?autostart=1.
+  const decoded = await new OfflineAudioContext(1, 1, SEND_RATE).decodeAudioData(arrayBuffer);
+  const frames = Math.ceil(decoded.duration * SEND_RATE);
+  const offline = new OfflineAudioContext(1, frames, SEND_RATE);
+  const src = offline.createBufferSource();
+  src.buffer = decoded;
+  src.connect(offline.destination);
+  src.start();
+  const rendered = await offline.startRendering();
+  return rendered.getChannelData(0);
 }
 
 // Streams PCM in real time: chunk i is sent when its time has come (timers drift; the deadline
