@@ -174,3 +174,33 @@ def test_a_program_feeds_a_session_that_the_page_watches(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_microphone_audio_reaches_the_service(service: ServiceProcess) -> None:
+    """Connect with the page's button, turn on the microphone (Chromium's fake device, which
+    beeps): the AudioWorklet's chunks stream as f32le and drive the avatar."""
+    from playwright.sync_api import sync_playwright
+
+    before = service.metrics().get("diffstream_audio_bytes_received_total", 0.0)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=[*CHROMIUM_ARGS, "--use-fake-device-for-media-stream"],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(service.base + "/")
+            page.click("#connect")
+            page.wait_for_function("window.diffstream.status === 'connected'", timeout=30_000)
+            page.click("#mic")
+            page.wait_for_timeout(4_000)
+            state = page.evaluate("window.diffstream")
+            page.click("#disconnect")
+        finally:
+            browser.close()
+    received = service.metrics()["diffstream_audio_bytes_received_total"] - before
+    assert state["error"] is None, state["error"]
+    # 4 s of mono float32 at the context's rate (44.1 or 48 kHz) is at least 600 kB.
+    assert received >= 600_000, f"only {received:.0f} bytes of microphone audio arrived"
+    assert state["stats"]["latency_ms"] is not None  # the beeps drove frames
