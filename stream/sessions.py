@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.errors import SessionError
-from pipelines.executors.base import Executor
+from pipelines.executors.base import Executor, ExecutorBusy
 from pipelines.messages import SessionSpec
 from stream.ingest import AudioIngest
 from stream.metrics import ServiceMetrics
@@ -80,12 +80,17 @@ class Session:
         if settings.recording_dir is not None:
             path = Path(settings.recording_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.id}.mp4"
             self.recorder = SessionRecorder(path, self.info.fps, self.info.width, self.info.height)
-        fpb = self.info.frames_per_block
+        # Room for the blocks in flight plus the lead the scheduler keeps for slow blocks; the
+        # scheduler's credit keeps it below this, the bound only guards against a bug upstream.
+        queue_bound = max(
+            self.info.frames_per_block * (settings.max_blocks_in_flight + 3),
+            int(2 * self.info.fps),
+        )
         self.timeline = MediaTimeline(
             self.info.fps,
             self.info.height,
             self.info.width,
-            max_queued_frames=fpb * (settings.max_blocks_in_flight + 3),
+            max_queued_frames=queue_bound,
             on_slot=self._on_slot,
         )
         self.ingest = AudioIngest(
@@ -377,7 +382,11 @@ class SessionManager:
                 steps=steps,
                 sink_refresh=sink_refresh,
             )
-            await asyncio.to_thread(self.executor.open_session, spec)
+            try:
+                await asyncio.to_thread(self.executor.open_session, spec)
+            except ExecutorBusy:
+                self.metrics.sessions_rejected.inc()
+                raise AdmissionError("the engine's queue is full; retry in a few seconds") from None
             session = Session(spec, self.executor, self.settings, self.metrics, self._forget)
             self.sessions[session.id] = session
         finally:
