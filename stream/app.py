@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import gc
 import logging
 import secrets
@@ -20,14 +19,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
-from starlette.websockets import WebSocketDisconnect
 
 from models.errors import (
     ConfigError,
@@ -38,24 +35,16 @@ from models.errors import (
     SessionError,
 )
 from pipelines.executors.base import Executor
-from stream.ingest import AudioIngest
+from stream.audio_socket import AudioSocket, deny, origin_allowed
 from stream.metrics import ServiceMetrics
 from stream.protocol import (
     Answer,
-    AuthMessage,
-    CloseCode,
-    InterruptMessage,
     Offer,
-    ProtocolError,
     SessionCreated,
     SessionInfo,
     SessionOptions,
-    StartMessage,
-    StopMessage,
-    error_message,
-    parse_control,
 )
-from stream.sessions import AdmissionError, Session, SessionManager
+from stream.sessions import AdmissionError, SessionManager
 from stream.settings import Settings
 from stream.webrtc import OfferError, ViewerConflict, answer_offer
 
@@ -375,23 +364,23 @@ def _install_routes(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -
     @app.websocket("/v1/sessions/{session_id}/audio")
     async def audio_socket(websocket: WebSocket, session_id: str) -> None:
         """JSON "start", then binary PCM; "interrupt" and "stop" as JSON at any time."""
-        if not _origin_allowed(websocket, settings.allowed_origins):
+        if not origin_allowed(websocket, settings.allowed_origins):
             metrics.client_errors.labels(kind="origin").inc()
-            await _deny(websocket, 403, "origin not allowed")
+            await deny(websocket, 403, "origin not allowed")
             return
         given = websocket.query_params.get("token")
         if given is not None and not token_ok(given):
             metrics.client_errors.labels(kind="unauthorized").inc()
-            await _deny(websocket, 401, "wrong token")
+            await deny(websocket, 401, "wrong token")
             return
         try:
             session = websocket.app.state.sessions.get(session_id)
         except SessionError as exc:
             metrics.client_errors.labels(kind="unknown_session").inc()
-            await _deny(websocket, 404, str(exc))
+            await deny(websocket, 404, str(exc))
             return
         if session.audio_socket is not None:
-            await _deny(websocket, 409, "this session already has an audio socket")
+            await deny(websocket, 409, "this session already has an audio socket")
             return
         await websocket.accept()
         handler = AudioSocket(
@@ -461,130 +450,3 @@ def _png(image: Any) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _origin_allowed(websocket: WebSocket, allowed: list[str]) -> bool:
-    """Browsers send Origin; allow same-origin pages and the configured list."""
-    origin = websocket.headers.get("origin")
-    if origin is None or not allowed or "*" in allowed or origin in allowed:
-        return True
-    return urlparse(origin).netloc == websocket.headers.get("host")
-
-
-async def _deny(websocket: WebSocket, status: int, reason: str) -> None:
-    """Refuse the websocket handshake with an HTTP status (or a close code if unsupported)."""
-    try:
-        await websocket.send_denial_response(JSONResponse({"detail": reason}, status_code=status))
-    except RuntimeError:
-        await websocket.close(code=4000 + status, reason=reason[:120])
-
-
-class AudioSocket:
-    """One audio websocket of a session: parses control messages, feeds PCM to the ingest."""
-
-    def __init__(
-        self,
-        websocket: WebSocket,
-        session: Session,
-        settings: Settings,
-        metrics: ServiceMetrics,
-        *,
-        authed: bool,
-    ) -> None:
-        self.ws = websocket
-        self.session = session
-        self.ingest: AudioIngest = session.ingest
-        self.limit = settings.max_message_bytes
-        self.metrics = metrics
-        self.authed = authed
-
-    async def run(self, token_ok: Any) -> None:
-        session = self.session
-        session.audio_socket = self.ws
-        session.touch()
-        try:
-            while not session.closed:
-                message = await self.ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                data: bytes | None = message.get("bytes")
-                text: str | None = message.get("text")
-                size = len(data) if data is not None else len((text or "").encode())
-                if size > self.limit:
-                    raise ProtocolError(
-                        CloseCode.TOO_BIG,
-                        f"message of {size} bytes is over the {self.limit}-byte limit; "
-                        "send audio in smaller chunks (20-100 ms each)",
-                        "too_big",
-                    )
-                if text is not None:
-                    await self._control(parse_control(text), token_ok)
-                elif data is not None:
-                    await self._audio(data)
-        except ProtocolError as exc:
-            self.metrics.client_errors.labels(kind=exc.kind).inc()
-            await self._end(exc.code, exc.message)
-        except InvalidAudioError as exc:
-            self.metrics.client_errors.labels(kind="invalid_audio").inc()
-            await self._end(CloseCode.POLICY, str(exc))
-        except (WebSocketDisconnect, RuntimeError, ConnectionError):
-            pass  # the client went away; the session idles on silence
-        finally:
-            if session.audio_socket is self.ws:
-                session.audio_socket = None
-                session.touch()
-
-    async def _control(self, message: Any, token_ok: Any) -> None:
-        if not self.authed:
-            given = getattr(message, "token", None)
-            if not token_ok(given):
-                raise ProtocolError(
-                    CloseCode.UNAUTHORIZED,
-                    "missing or wrong token: pass ?token= or send it in the first message",
-                    "unauthorized",
-                )
-            self.authed = True
-        if isinstance(message, AuthMessage):
-            await self.ws.send_json({"type": "authenticated"})
-        elif isinstance(message, StartMessage):
-            self.ingest.start(message)
-            await self.ws.send_json(
-                {
-                    "type": "started",
-                    "sample_rate": message.sample_rate,
-                    "channels": message.channels,
-                    "format": message.format,
-                    "model_sample_rate": self.ingest.model_rate,
-                }
-            )
-        elif isinstance(message, InterruptMessage):
-            dropped = self.session.interrupt()
-            await self.ws.send_json({"type": "interrupted", "dropped_frames": dropped})
-        elif isinstance(message, StopMessage):
-            self.session.stop_audio()
-            await self.ws.send_json({"type": "stopping"})
-
-    async def _audio(self, data: bytes) -> None:
-        if not self.authed:
-            raise ProtocolError(
-                CloseCode.UNAUTHORIZED, "authenticate before sending audio", "unauthorized"
-            )
-        if not self.ingest.started:
-            raise ProtocolError(
-                CloseCode.POLICY,
-                'binary audio arrived before the "start" message; send '
-                '{"type":"start","sample_rate":N,"channels":1,"format":"s16le"} first',
-                "audio_before_start",
-            )
-        await self.ingest.wait_for_room()
-        if self.session.closed:
-            return
-        self.ingest.push(data)
-        self.metrics.audio_bytes.inc(len(data))
-        self.session.scheduler.wake()
-
-    async def _end(self, code: int, message: str) -> None:
-        with contextlib.suppress(Exception):
-            await self.ws.send_json(error_message(message))
-        with contextlib.suppress(Exception):
-            await self.ws.close(code=code, reason=message[:120])
