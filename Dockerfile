@@ -36,6 +36,6 @@ RUN make install
 
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD [".venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+    CMD ["/app/.venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 
-CMD [".venv/bin/diffstream", "serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["/app/.venv/bin/diffstream", "serve", "--host", "0.0.0.0", "--port", "8000"]
