@@ -188,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--serve-arg", action="append", default=[], help="extra serve flag")
+    parser.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        help="extra serve flag, e.g. --serve-arg=--steps=2",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
