@@ -71,14 +71,16 @@ class DualParalExecutor(PipelineExecutor):
         cls, *, model: str = "default", devices: str = "cpu:3", **options: Any
     ) -> DualParalExecutor:
         """Start the workers (torch.multiprocessing, spawn) and wait until they are ready.
-        Extra option: drain_after_s (seconds without a new block before the queue drains)."""
-        drain = float(options.pop("drain_after_s", 1.0))
+        Extra option: drain_after_s, seconds without a new block before the queue advances
+        without one (default: two block durations, so live audio's jitter does not drain)."""
+        drain = options.pop("drain_after_s", None)
         executor_opts, pipeline = split_options(options)
         pipeline.setdefault("coordinated_noise", True)
         pipeline.pop("cache_mode", None)  # the schedule defines its own caching
         devs = parse_devices(devices)
         check_devices(devs, cls.min_devices, "--executor dualparal (layers + one decode rank)")
-        pipeline["drain_after_s"] = drain
+        if drain is not None:
+            pipeline["drain_after_s"] = float(drain)
         return cls(model=model, devices=devs, options=pipeline, **executor_opts)
 
     def roles(self, info: ModelInfo, ready: list[dict[str, Any]]) -> list[str]:
@@ -162,7 +164,8 @@ class LayerRank:
         self.last = ctx.stage == self.ranks - 1
         self.sessions: dict[str, _Session] = {}
         self.out = ctx.link_out()
-        self.drain_after = float(ctx.spec.options.get("drain_after_s", 1.0))
+        block_s = gen.block_video_frames(1) / gen.fps
+        self.drain_after = float(ctx.spec.options.get("drain_after_s", 2 * block_s))
         self._ring_out: Link | None = None
         self._order: deque[str] = deque()  # round-robin over sessions (rank 0)
         cfg = gen.config
@@ -227,8 +230,6 @@ class LayerRank:
                 sessions=len(self.sessions),
                 cache_bytes=sum(s.cache.nbytes() for s in self.sessions.values()),
                 params=sum(p.numel() for p in self.gen.model.parameters()),
-                link_bytes=self.out.stats.tensor_bytes,
-                link_messages=self.out.stats.messages,
             )
             msg.meta["ranks"] = [*m["ranks"], info]
             self.out.send(msg)

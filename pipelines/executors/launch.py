@@ -72,6 +72,7 @@ class WorkerSpec:
     threads: int
     parent_pid: int
     serial_load: bool = False  # load one worker after another (bounds host memory for big models)
+    cpu_affinity: tuple[int, ...] = ()  # CPU cores the worker may run on (empty: any)
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +117,7 @@ class WorkerGroup:
         timeout_s: float,
         startup_timeout_s: float,
         threads: int | None = None,
+        cpu_affinity: tuple[int, ...] = (),
     ) -> None:
         import torch.distributed as dist
         import torch.multiprocessing as mp
@@ -156,6 +158,7 @@ class WorkerGroup:
                 threads=threads,
                 parent_pid=os.getpid(),
                 serial_load=cuda,
+                cpu_affinity=tuple(cpu_affinity),
             )
             p = ctx.Process(
                 target=worker_main, args=(spec,), name=f"diffstream-{executor}-{stage}", daemon=True
@@ -310,6 +313,7 @@ class WorkerContext:
     events: deque = field(default_factory=lambda: deque(maxlen=4096))
     inbox: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=4096))
     model_info: dict[str, Any] = field(default_factory=dict)
+    links: list[Link] = field(default_factory=list)
 
     @property
     def stage(self) -> int:
@@ -323,46 +327,60 @@ class WorkerContext:
     def last(self) -> bool:
         return self.spec.stage == self.spec.workers - 1
 
+    def _keep(self, link: Link) -> Link:
+        self.links.append(link)
+        return link
+
     def link_in(self) -> Link:
         """From the previous stage (the driver for stage 0)."""
         s = self.stage
         if s == 0:
-            return Link(self.ctrl, 0, tag=TAG_DOWN, device=self.device, name="the driver")
-        return Link(
-            self.ctrl,
-            s,
-            tag=TAG_DOWN,
-            data=self.down,
-            data_peer=s - 1,
-            device=self.device,
-            name=f"rank {s - 1}",
+            return self._keep(
+                Link(self.ctrl, 0, tag=TAG_DOWN, device=self.device, name="the driver")
+            )
+        return self._keep(
+            Link(
+                self.ctrl,
+                s,
+                tag=TAG_DOWN,
+                data=self.down,
+                data_peer=s - 1,
+                device=self.device,
+                name=f"rank {s - 1}",
+            )
         )
 
     def link_out(self) -> Link:
         """To the next stage (the driver for the last stage)."""
         s = self.stage
         if self.last:
-            return Link(self.ctrl, 0, tag=TAG_DOWN, device=self.device, name="the driver")
-        return Link(
-            self.ctrl,
-            s + 2,
-            tag=TAG_DOWN,
-            data=self.down,
-            data_peer=s + 1,
-            device=self.device,
-            name=f"rank {s + 1}",
+            return self._keep(
+                Link(self.ctrl, 0, tag=TAG_DOWN, device=self.device, name="the driver")
+            )
+        return self._keep(
+            Link(
+                self.ctrl,
+                s + 2,
+                tag=TAG_DOWN,
+                data=self.down,
+                data_peer=s + 1,
+                device=self.device,
+                name=f"rank {s + 1}",
+            )
         )
 
     def link_back(self, stage: int) -> Link:
         """Against the pipeline, to or from worker `stage` (a separate channel and group)."""
-        return Link(
-            self.ctrl,
-            stage + 1,
-            tag=TAG_BACK,
-            data=self.back,
-            data_peer=stage,
-            device=self.device,
-            name=f"rank {stage} (back channel)",
+        return self._keep(
+            Link(
+                self.ctrl,
+                stage + 1,
+                tag=TAG_BACK,
+                data=self.back,
+                data_peer=stage,
+                device=self.device,
+                name=f"rank {stage} (back channel)",
+            )
         )
 
     def listen(self, link: Link, source: str) -> threading.Thread:
@@ -400,12 +418,18 @@ class WorkerContext:
     def stats(self) -> dict[str, Any]:
         """This rank's occupancy record and memory, for Message("stats")."""
         mem = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else _rss()
+        sent = [lk.stats for lk in self.links]
         return {
             "stage": self.stage,
             "device": str(self.device),
             "pid": os.getpid(),
             "events": [e.__dict__ for e in self.events],
             "peak_memory_bytes": mem,
+            "messages_sent": sum(st.messages for st in sent),
+            "messages_received": sum(st.received for st in sent),
+            "tensor_bytes_sent": sum(st.tensor_bytes for st in sent),
+            "send_seconds": sum(st.send_seconds for st in sent),
+            "link_cpu_seconds": sum(st.cpu_seconds for st in sent),
         }
 
 
@@ -456,6 +480,8 @@ def worker_main(spec: WorkerSpec) -> None:
 def _run_worker(spec: WorkerSpec) -> int:
     import torch.distributed as dist
 
+    if spec.cpu_affinity and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, spec.cpu_affinity)
     torch.set_num_threads(max(1, spec.threads))
     device = spec.device
     if device.type == "cuda":

@@ -80,6 +80,7 @@ class PipelineExecutor(Executor):
         threads: int | None = None,
         verbose: bool = True,
         keep_latents: int = 0,
+        cpu_affinity: tuple[int, ...] | list[int] = (),
     ) -> None:
         if timeout_s <= 0 or startup_timeout_s <= 0:
             raise ConfigError("timeouts must be positive")
@@ -94,6 +95,7 @@ class PipelineExecutor(Executor):
         self.max_inflight = int(max_inflight)
         self.max_restarts = int(max_restarts)
         self.threads = threads
+        self.cpu_affinity = tuple(int(c) for c in cpu_affinity)
         self.verbose = verbose
         # Debugging tap: the clean latents of the last `keep_latents` blocks, by (session, block).
         self.keep_latents = int(keep_latents)
@@ -130,6 +132,7 @@ class PipelineExecutor(Executor):
             timeout_s=self.timeout_s,
             startup_timeout_s=self.startup_timeout_s,
             threads=self.threads,
+            cpu_affinity=self.cpu_affinity,
         )
         try:
             ready = group.wait_ready()

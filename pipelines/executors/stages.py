@@ -32,6 +32,7 @@ EXECUTOR_OPTIONS = (
     "threads",
     "verbose",
     "keep_latents",
+    "cpu_affinity",
 )
 PIPELINE_OPTIONS = tuple(f.name for f in dataclasses.fields(PipelineConfig)) + (
     "height",

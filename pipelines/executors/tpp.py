@@ -170,8 +170,6 @@ class StepRank:
                     role=f"steps {_fmt(split_steps(self.gen.config.steps, self.ranks)[self.rank])}",
                     sessions=len(self.sessions),
                     cache_bytes=sum(s.state.cache_bytes() for s in self.sessions.values()),
-                    link_bytes=self.out.stats.tensor_bytes,
-                    link_messages=self.out.stats.messages,
                 )
                 msg.meta["ranks"] = [*msg.meta["ranks"], info]
                 self.out.send(msg)

@@ -46,10 +46,12 @@ class Message:
 class LinkStats:
     """Bytes and seconds spent in sends; the planner's communication model is checked on it."""
 
-    messages: int = 0
+    messages: int = 0  # sent
+    received: int = 0
     tensor_bytes: int = 0
     control_bytes: int = 0
-    send_seconds: float = 0.0
+    send_seconds: float = 0.0  # wall time in send, waiting for the peer included
+    cpu_seconds: float = 0.0  # CPU time of this process's thread in send and recv
 
 
 class Link:
@@ -85,41 +87,48 @@ class Link:
     # ---- sending ----------------------------------------------------------------------------
     def send(self, msg: Message, *, wait: bool = True) -> None:
         """Send `msg`; wait=False returns before the peer has posted its recv (used where the
-        peer only receives later, e.g. the sink refresh), keeping the buffers alive until done."""
-        t0 = time.perf_counter()
+        peer only receives later, e.g. the sink refresh), keeping the buffers alive until done.
+
+        One control frame (FRAME bytes; a longer payload follows in a second send) and, when
+        there are tensors, one packed buffer on the data group: every gloo send is a rendezvous
+        with the receiver, so a message costs two of them whatever it carries."""
+        t0, c0 = time.perf_counter(), time.thread_time()
         tensors = {k: v.detach().contiguous() for k, v in msg.tensors.items()}
         if self.data is None:  # driver link: tensors ride in the pickle, on the CPU
             meta = dict(msg.meta, _tensors={k: v.cpu() for k, v in tensors.items()})
-            specs: list[tuple[str, tuple[int, ...], str]] = []
+            layout: list[tuple[str, tuple[int, ...], str, int]] = []
+            packed = None
         else:
             meta = msg.meta
-            specs = [
-                (k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in tensors.items()
-            ]
-        payload = pickle.dumps((msg.kind, meta, specs), protocol=pickle.HIGHEST_PROTOCOL)
-        body = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        head = torch.tensor([body.numel()], dtype=torch.int64)
+            layout, packed = pack(tensors)
+        payload = pickle.dumps((msg.kind, meta, layout), protocol=pickle.HIGHEST_PROTOCOL)
+        frame = torch.zeros(FRAME, dtype=torch.uint8)
+        frame[:8] = torch.tensor([len(payload)], dtype=torch.int64).view(torch.uint8)
+        first = min(len(payload), FRAME - 8)
+        frame[8 : 8 + first] = torch.frombuffer(bytearray(payload[:first]), dtype=torch.uint8)
+        rest = None
+        if len(payload) > first:
+            rest = torch.frombuffer(bytearray(payload[first:]), dtype=torch.uint8)
         with self._lock:
             try:
-                works = [self.ctrl.send([head], self.peer, self.tag)]
+                works = [self.ctrl.send([frame], self.peer, self.tag)]
+                if rest is not None:
+                    works.append(self.ctrl.send([rest], self.peer, self.tag))
+                if packed is not None:
+                    works.append(self.data.send([packed], self.data_peer, self.tag))
                 if wait:
-                    works[-1].wait()
-                works.append(self.ctrl.send([body], self.peer, self.tag))
-                if wait:
-                    works[-1].wait()
-                for _, t in specs_tensors(specs, tensors):
-                    works.append(self.data.send([t], self.data_peer, self.tag))
-                    if wait:
-                        works[-1].wait()
+                    for w in works:
+                        w.wait()
             except RuntimeError as exc:
                 raise LinkError(f"send to {self.name} failed: {_short(exc)}") from exc
             if not wait:
-                self._pending.append((works, (head, body, tensors)))
+                self._pending.append((works, (frame, rest, packed)))
             self._reap()
         self.stats.messages += 1
-        self.stats.control_bytes += body.numel() + 8
-        self.stats.tensor_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        self.stats.control_bytes += FRAME + (rest.numel() if rest is not None else 0)
+        self.stats.tensor_bytes += packed.numel() if packed is not None else 0
         self.stats.send_seconds += time.perf_counter() - t0
+        self.stats.cpu_seconds += time.thread_time() - c0
 
     def _reap(self) -> None:
         keep = []
@@ -139,28 +148,74 @@ class Link:
     def recv(self) -> Message:
         """Block until the next message arrives (at most the group's timeout)."""
         try:
-            head = torch.empty(1, dtype=torch.int64)
-            self.ctrl.recv([head], self.peer, self.tag).wait()
-            body = torch.empty(int(head.item()), dtype=torch.uint8)
-            self.ctrl.recv([body], self.peer, self.tag).wait()
-            kind, meta, specs = pickle.loads(body.numpy().tobytes())
+            frame = torch.empty(FRAME, dtype=torch.uint8)
+            self.ctrl.recv([frame], self.peer, self.tag).wait()
+            c0 = time.thread_time()  # the wait above is idle time, what follows is work
+            size = int(frame[:8].view(torch.int64).item())
+            payload = frame[8 : 8 + min(size, FRAME - 8)].numpy().tobytes()
+            if size > FRAME - 8:
+                rest = torch.empty(size - (FRAME - 8), dtype=torch.uint8)
+                self.ctrl.recv([rest], self.peer, self.tag).wait()
+                payload += rest.numpy().tobytes()
+            kind, meta, layout = pickle.loads(payload)
             tensors: dict[str, torch.Tensor] = {}
-            for name, shape, dtype in specs:
-                t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-                self.data.recv([t], self.data_peer, self.tag).wait()
-                tensors[name] = t
+            if layout:
+                nbytes = layout[-1][3] + _nbytes(layout[-1][1], layout[-1][2])
+                packed = torch.empty(_aligned(nbytes), dtype=torch.uint8, device=self.device)
+                self.data.recv([packed], self.data_peer, self.tag).wait()
+                tensors = unpack(layout, packed)
         except RuntimeError as exc:
             raise LinkError(f"receive from {self.name} failed: {_short(exc)}") from exc
         if "_tensors" in meta:
             tensors = {k: v.to(self.device) for k, v in meta.pop("_tensors").items()}
+        self.stats.received += 1
+        self.stats.cpu_seconds += time.thread_time() - c0
         return Message(kind, meta, tensors)
 
 
-def specs_tensors(
-    specs: list[tuple[str, tuple[int, ...], str]], tensors: dict[str, torch.Tensor]
-) -> list[tuple[str, torch.Tensor]]:
-    """Tensors in the order their specs were written (the receiver reads them in that order)."""
-    return [(name, tensors[name]) for name, _, _ in specs]
+FRAME = 4096  # bytes of a control frame: fits every message but the ones with images or frames
+ALIGN = 64  # byte alignment of each tensor inside a packed buffer
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+
+
+def pack(
+    tensors: dict[str, torch.Tensor],
+) -> tuple[list[tuple[str, tuple[int, ...], str, int]], torch.Tensor | None]:
+    """All tensors of a message in one aligned uint8 buffer on their device, and its layout
+    (name, shape, dtype, byte offset)."""
+    if not tensors:
+        return [], None
+    layout, offset = [], 0
+    for name, t in tensors.items():
+        layout.append((name, tuple(t.shape), str(t.dtype).replace("torch.", ""), offset))
+        offset = _aligned(offset + t.numel() * t.element_size())
+    device = next(iter(tensors.values())).device
+    buf = torch.empty(offset, dtype=torch.uint8, device=device)
+    for (_, _, _, start), t in zip(layout, tensors.values(), strict=True):
+        flat = t.reshape(-1).view(torch.uint8)
+        buf[start : start + flat.numel()].copy_(flat)
+    return layout, buf
+
+
+def unpack(
+    layout: list[tuple[str, tuple[int, ...], str, int]], buf: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Views into the received buffer, one per tensor (no copy)."""
+    out = {}
+    for name, shape, dtype, start in layout:
+        n = _nbytes(shape, dtype)
+        out[name] = buf[start : start + n].view(getattr(torch, dtype)).view(shape)
+    return out
 
 
 def _short(exc: BaseException) -> str:
