@@ -73,6 +73,15 @@ def request(session_id: str, index: int, audio: np.ndarray) -> BlockRequest:
     return BlockRequest(session_id, index, audio, submitted_at=time.perf_counter())
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def pid_alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie (a zombie is dead, just not yet reaped)."""
     try:

@@ -19,6 +19,7 @@ from pipelines.reference import default_reference
 from tests.multidevice_helpers import (
     audio_blocks,
     children_of,
+    free_port,
     pid_alive,
     request,
     submit_all,
@@ -169,3 +170,63 @@ def test_workers_exit_when_the_service_process_is_killed(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_torchrun_workers_stream_and_come_back_after_a_failure(tmp_path):
+    """Several-node mode on one machine: torchrun starts the workers, which join the service's
+    rendezvous; a killed worker fails the stream, torchrun (--max-restarts) starts new workers,
+    they join the next generation and the executor streams again."""
+    from pipelines.executors import build_executor
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+    log = open(tmp_path / "torchrun.log", "w")  # noqa: SIM115 - closed below
+    torchrun = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "3",
+            "--max-restarts",
+            "1",
+            "-m",
+            "pipelines.executors.torchrun",
+            "--connect",
+            f"127.0.0.1:{port}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    ex = None
+    try:
+        ex = build_executor(
+            "tpp",
+            model="tiny",
+            devices=f"torchrun:3@127.0.0.1:{port}",
+            timeout_s=TIMEOUT_S,
+            heartbeat_s=1.0,
+            startup_timeout_s=120,
+            verbose=False,
+        )
+        assert len(ex.placement) == 3
+        futs = _stream_until_first_result(ex, "remote", n=6)
+        victim = int(ex.placement[1].split("pid")[1].split()[0])
+        os.kill(victim, signal.SIGKILL)
+        errors = [
+            r.error for r in (f.result(timeout=TIMEOUT_S + 5) for f in futs.values()) if not r.ok
+        ]
+        assert errors and all("rank" in e for e in errors)
+        assert not ex.healthy()
+        _streams_again(ex, "remote-again")  # a new generation of torchrun's restarted workers
+        ex.close()
+        assert torchrun.wait(30) == 0  # the workers stopped cleanly, so did torchrun
+    finally:
+        if ex is not None:
+            ex.close()
+        if torchrun.poll() is None:
+            torchrun.kill()
+            torchrun.wait(10)
+        log.close()

@@ -54,6 +54,7 @@ from pipelines.executors.staggered import (
     keep_layers,
     split_layers,
 )
+from pipelines.executors.torchrun import parse_external
 from pipelines.executors.wire import Link, LinkError, Message
 from pipelines.generator import StreamingGenerator
 from pipelines.noise import BlockNoise
@@ -77,11 +78,12 @@ class DualParalExecutor(PipelineExecutor):
         executor_opts, pipeline = split_options(options)
         pipeline.setdefault("coordinated_noise", True)
         pipeline.pop("cache_mode", None)  # the schedule defines its own caching
-        devs = parse_devices(devices)
+        external = parse_external(devices)
+        devs = [torch.device("cpu")] * external[0] if external else parse_devices(devices)
         check_devices(devs, cls.min_devices, "--executor dualparal (layers + one decode rank)")
         if drain is not None:
             pipeline["drain_after_s"] = float(drain)
-        return cls(model=model, devices=devs, options=pipeline, **executor_opts)
+        return cls(model=model, devices=devs, options=pipeline, external=external, **executor_opts)
 
     def roles(self, info: ModelInfo, ready: list[dict[str, Any]]) -> list[str]:
         layers = [r["layers"] for r in ready if "layers" in r]

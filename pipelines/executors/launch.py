@@ -33,6 +33,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -73,6 +74,8 @@ class WorkerSpec:
     parent_pid: int
     serial_load: bool = False  # load one worker after another (bounds host memory for big models)
     cpu_affinity: tuple[int, ...] = ()  # CPU cores the worker may run on (empty: any)
+    store_prefix: str = ""  # a generation's keys in a long-lived store (torchrun mode)
+    started_by_driver: bool = True  # False under torchrun: watch the store, not the parent
 
     @property
     def device(self) -> torch.device:
@@ -80,9 +83,13 @@ class WorkerSpec:
 
 
 def gloo_device(host: str) -> Any:
-    """The gloo transport device; loopback when everything runs on this machine."""
+    """The gloo transport device: GLOO_SOCKET_IFNAME's interface when set (several nodes),
+    loopback when everything runs on this machine, else the host name's address."""
     import torch.distributed as dist
 
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")[0].strip()
+    if ifname and host not in (LOOPBACK, "localhost"):
+        return dist.ProcessGroupGloo.create_device(interface=ifname)
     if host in (LOOPBACK, "localhost"):
         return dist.ProcessGroupGloo.create_device(hostname=LOOPBACK)
     return dist.ProcessGroupGloo.create_default_device()
@@ -452,10 +459,28 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(0.5)
 
 
+def _watch_store() -> None:
+    """torchrun mode: exit when the driver's store stops answering (the service is gone)."""
+    misses = 0
+    while True:
+        time.sleep(2.0)
+        if not _STORE:
+            continue
+        try:
+            _STORE[0].check(["ready/0"])
+            misses = 0
+        except Exception:
+            misses += 1
+            if misses >= 3:
+                os._exit(EXIT_ORPHAN)
+
+
 def worker_main(spec: WorkerSpec) -> None:
-    """Entry point of a spawned worker process."""
+    """Entry point of a worker process (spawned by the driver, or started by torchrun)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
-    threading.Thread(target=_watch_parent, args=(spec.parent_pid,), daemon=True).start()
+    watch = _watch_parent if spec.started_by_driver else _watch_store
+    args = (spec.parent_pid,) if spec.started_by_driver else ()
+    threading.Thread(target=watch, args=args, daemon=True).start()
     logging.basicConfig(level=logging.WARNING, format=f"[rank {spec.stage}] %(message)s")
     code = EXIT_ERROR
     try:
@@ -471,6 +496,9 @@ def worker_main(spec: WorkerSpec) -> None:
         traceback.print_exc()
         code = EXIT_ERROR
     finally:
+        if code == 0 and _STORE:  # a clean stop; torchrun-mode drivers wait for it
+            with contextlib.suppress(Exception):
+                _STORE[0].set(f"stopped/{spec.stage}", "1")
         sys.stdout.flush()
         sys.stderr.flush()
         # No graceful teardown of possibly broken groups: it can block on dead peers.
@@ -496,6 +524,8 @@ def _run_worker(spec: WorkerSpec) -> int:
         False,
         timeout=datetime.timedelta(seconds=spec.startup_timeout_s),
     )
+    if spec.store_prefix:
+        store = dist.PrefixStore(spec.store_prefix, store)
     _STORE.append(store)
     ctx = WorkerContext(spec=spec, device=device, dtype=dtype)
 
@@ -503,7 +533,13 @@ def _run_worker(spec: WorkerSpec) -> int:
         store.wait([f"loaded/{spec.stage - 1}"])
     state = role.load(ctx)
     store.set(f"loaded/{spec.stage}", "1")
-    info = {"stage": spec.stage, "pid": os.getpid(), "device": str(device), **ctx.model_info}
+    info = {
+        "stage": spec.stage,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "device": str(device),
+        **ctx.model_info,
+    }
     store.set(f"ready/{spec.stage}", json.dumps(info))
 
     timeout = datetime.timedelta(seconds=spec.timeout_s)

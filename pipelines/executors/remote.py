@@ -81,6 +81,7 @@ class PipelineExecutor(Executor):
         verbose: bool = True,
         keep_latents: int = 0,
         cpu_affinity: tuple[int, ...] | list[int] = (),
+        external: tuple[int, str, int] | None = None,
     ) -> None:
         if timeout_s <= 0 or startup_timeout_s <= 0:
             raise ConfigError("timeouts must be positive")
@@ -96,6 +97,8 @@ class PipelineExecutor(Executor):
         self.max_restarts = int(max_restarts)
         self.threads = threads
         self.cpu_affinity = tuple(int(c) for c in cpu_affinity)
+        self.external = external  # (workers, host, port): torchrun starts them, see torchrun.py
+        self._root_store: Any = None
         self.verbose = verbose
         # Debugging tap: the clean latents of the last `keep_latents` blocks, by (session, block).
         self.keep_latents = int(keep_latents)
@@ -124,16 +127,7 @@ class PipelineExecutor(Executor):
         self._requests: dict[int, Future] = {}
         self._sessions: set[str] = set()
         self._stopping = False
-        group = WorkerGroup(
-            executor=self.worker_module,
-            devices=self.devices,
-            model=self.model,
-            options=self.options,
-            timeout_s=self.timeout_s,
-            startup_timeout_s=self.startup_timeout_s,
-            threads=self.threads,
-            cpu_affinity=self.cpu_affinity,
-        )
+        group = self._new_group()
         try:
             ready = group.wait_ready()
             ctrl = group.connect()
@@ -142,8 +136,13 @@ class PipelineExecutor(Executor):
             raise
         self.info = ModelInfo(**ready[0]["info"])
         roles = self.roles(self.info, ready)
+        where = (
+            (lambda r: f"{r.get('host', '?')}:{r['device']}")
+            if self.external
+            else (lambda r: r["device"])
+        )
         self.placement = [
-            f"rank {r['stage']}  {r['device']:<8} pid {r['pid']:<7} {role}"
+            f"rank {r['stage']}  {where(r):<8} pid {r['pid']:<7} {role}"
             for r, role in zip(ready, roles, strict=True)
         ]
         gen = _Generation(
@@ -175,8 +174,58 @@ class PipelineExecutor(Executor):
                 flush=True,
             )
 
+    def _new_group(self) -> Any:
+        if self.external is None:
+            return WorkerGroup(
+                executor=self.worker_module,
+                devices=self.devices,
+                model=self.model,
+                options=self.options,
+                timeout_s=self.timeout_s,
+                startup_timeout_s=self.startup_timeout_s,
+                threads=self.threads,
+                cpu_affinity=self.cpu_affinity,
+            )
+        import datetime
+
+        import torch.distributed as dist
+
+        from pipelines.executors.torchrun import ExternalWorkers
+
+        workers, host, port = self.external
+        if self._root_store is None:  # one rendezvous for every generation: torchrun reconnects
+            self._root_store = dist.TCPStore(
+                host,
+                port,
+                None,
+                True,
+                timeout=datetime.timedelta(seconds=self.startup_timeout_s),
+                wait_for_workers=False,
+            )
+        if self.verbose:
+            print(
+                f"diffstream {self.strategy}: waiting for {workers} torchrun workers "
+                f"(python -m pipelines.executors.torchrun --connect HOST:{port})",
+                file=sys.stderr,
+                flush=True,
+            )
+        return ExternalWorkers(
+            store=self._root_store,
+            generation=self.restarts,
+            executor=self.worker_module,
+            workers=workers,
+            model=self.model,
+            options=self.options,
+            timeout_s=self.timeout_s,
+            startup_timeout_s=self.startup_timeout_s,
+            host=host,
+            threads=self.threads,
+        )
+
     def _cuda(self) -> bool:
-        return any(d.type == "cuda" for d in self.devices)
+        gen = self._gen
+        devices = gen.group.devices if gen is not None else [str(d) for d in self.devices]
+        return any(str(d).startswith("cuda") for d in devices)
 
     def restart(self) -> None:
         """Tear the worker group down (if any) and start a fresh one with the same settings."""

@@ -44,6 +44,7 @@ from pipelines.executors.stages import (
     run_decoder,
     split_options,
 )
+from pipelines.executors.torchrun import parse_external
 from pipelines.executors.wire import Link, LinkError, Message
 from pipelines.generator import BlockInputs, SessionState, StreamingGenerator
 
@@ -82,9 +83,10 @@ class TPPExecutor(PipelineExecutor):
                 f"{mode!r}; use --executor local for the re-encode mode"
             )
         pipeline["cache_mode"] = "timestep_forcing"
-        devs = parse_devices(devices)
+        external = parse_external(devices)
+        devs = [torch.device("cpu")] * external[0] if external else parse_devices(devices)
         check_devices(devs, cls.min_devices, "--executor tpp (steps + one decode rank)")
-        return cls(model=model, devices=devs, options=pipeline, **executor_opts)
+        return cls(model=model, devices=devs, options=pipeline, external=external, **executor_opts)
 
     def roles(self, info: ModelInfo, ready: list[dict[str, Any]]) -> list[str]:
         ranks = len(self.devices) - 1

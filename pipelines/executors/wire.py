@@ -16,6 +16,7 @@ group: it is raised as `LinkError`, and the worker that sees it exits (see launc
 from __future__ import annotations
 
 import pickle
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -219,5 +220,8 @@ def unpack(
 
 
 def _short(exc: BaseException) -> str:
+    """gloo's message without its source location and advice: what broke, with whom."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    text = text.split(" This is typically caused")[0]
     return text[:300]
