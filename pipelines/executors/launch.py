@@ -395,6 +395,8 @@ class WorkerContext:
         (gloo's send waits for it) and a broken link is noticed even when idle."""
 
         def loop() -> None:
+            if self.device.type == "cuda":  # the CUDA current device is per thread
+                torch.cuda.set_device(self.device)
             while True:
                 try:
                     msg = link.recv()

@@ -58,8 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-mode",
         choices=("reencode", "timestep_forcing"),
-        default="reencode",
-        help="the local executor's cache mode (tpp always uses timestep forcing)",
+        default=None,
+        help="the local executor's cache mode (default: the bench file's, else reencode; tpp "
+        "always uses timestep forcing)",
     )
     p.add_argument("--cores", type=int, default=None, help="CPU cores the devices share (cpu:N)")
     p.add_argument("--target-fps", type=float, default=None, help="default: the model's fps")
@@ -108,7 +109,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
             width=args.width or (bench.get("resolution") or [None, None])[0],
             steps=args.steps or bench.get("steps"),
             dtype=dtype,
-            cache_mode=args.cache_mode,
+            cache_mode=args.cache_mode or bench.get("cache_mode") or "reencode",
         )
         costs = planner.costs_from_bench(bench, shape)
     else:
@@ -120,7 +121,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
             width=args.width,
             steps=args.steps,
             dtype=dtype,
-            cache_mode=args.cache_mode,
+            cache_mode=args.cache_mode or "reencode",
         )
         costs = planner.profile_costs(
             shape,
@@ -194,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         f"{'strategy':<11} {'devices':>7}  {'layout':<32} {'fps':>7} {'latency':>9} {'TTFF':>8}  memory/device (GiB)"
     )
     for p in out["predictions"]:
-        mem = ", ".join(f"{g:.2f}" for g in p["memory_gb"])
+        mem = ", ".join(f"{g:.3g}" for g in p["memory_gb"])
         print(
             f"{p['strategy']:<11} {p['devices']:>7}  {p['layout']:<32} {p['fps']:>7.3g} "
             f"{p['block_latency_s']:>8.3f}s {p['time_to_first_frame_s']:>7.3f}s  {mem}"
