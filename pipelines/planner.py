@@ -97,7 +97,7 @@ def _gb(nbytes: float) -> float:
     return nbytes / 2**30
 
 
-def _bound(compute_s: float, devices: int, period: float, cores: int | None) -> float:
+def _bound(compute_s: float, devices: int, period: float, cores: float | None) -> float:
     """Devices that share `cores` CPU cores cannot do more than `cores` seconds of compute per
     second: the period is at least a block's compute over the cores. Link time is not compute
     (a send waits for the peer, another process runs meanwhile), so it is not counted here."""
@@ -121,7 +121,7 @@ def _compute_s(
     )
 
 
-def predict_local(shape: ModelShape, costs: Costs, *, cores: int | None = None) -> Prediction:
+def predict_local(shape: ModelShape, costs: Costs, *, cores: float | None = None) -> Prediction:
     s = shape.steps
     reencode = costs.reencode_s if shape.cache_mode == "reencode" else 0.0
     busy = costs.features_s + s * costs.step_s + reencode + costs.decode_s
@@ -147,7 +147,7 @@ def predict_local(shape: ModelShape, costs: Costs, *, cores: int | None = None) 
 
 
 def predict_tpp(
-    shape: ModelShape, costs: Costs, devices: int, link: LinkModel, *, cores: int | None = None
+    shape: ModelShape, costs: Costs, devices: int, link: LinkModel, *, cores: float | None = None
 ) -> Prediction:
     from pipelines.executors.tpp import split_steps
 
@@ -213,7 +213,7 @@ def _dualparal_stages(
 
 
 def predict_dualparal(
-    shape: ModelShape, costs: Costs, devices: int, link: LinkModel, *, cores: int | None = None
+    shape: ModelShape, costs: Costs, devices: int, link: LinkModel, *, cores: float | None = None
 ) -> Prediction:
     if devices < 2:
         raise ConfigError("dualparal needs at least 2 devices")
@@ -265,7 +265,7 @@ def predict_dualparal(
 
 
 def predict_tpp_layers(
-    shape: ModelShape, costs: Costs, devices: int, link: LinkModel, *, cores: int | None = None
+    shape: ModelShape, costs: Costs, devices: int, link: LinkModel, *, cores: float | None = None
 ) -> Prediction | None:
     """TPP whose step stages are each split over several layer ranks (prediction only): with
     timestep forcing every (step, layer range) pair is an independent pipeline stage."""
@@ -321,7 +321,7 @@ def predict_all(
     devices: int,
     link: LinkModel,
     *,
-    cores: int | None = None,
+    cores: float | None = None,
 ) -> list[Prediction]:
     """Every strategy that can use `devices` devices (local always, as the baseline)."""
     out = [predict_local(shape, costs, cores=cores)]

@@ -73,6 +73,35 @@ def request(session_id: str, index: int, audio: np.ndarray) -> BlockRequest:
     return BlockRequest(session_id, index, audio, submitted_at=time.perf_counter())
 
 
+_SPIN = (
+    "import time\n"
+    "end = time.perf_counter() + {seconds}\n"
+    "n = 0\n"
+    "while time.perf_counter() < end:\n"
+    "    n += 1\n"
+    "print(n)\n"
+)
+
+
+def available_cores(seconds: float = 0.4) -> float:
+    """How many cores' worth of CPU this machine gives us right now (others share it): busy
+    loops in as many processes as there are cores, their work against one loop's alone."""
+    import subprocess
+    import sys
+
+    def spin(k: int) -> list[int]:
+        code = _SPIN.format(seconds=seconds)
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+            for _ in range(k)
+        ]
+        return [int(p.communicate()[0]) for p in procs]
+
+    solo = spin(1)[0]
+    together = sum(spin(os.cpu_count() or 1))
+    return max(1.0, min(float(os.cpu_count() or 1), together / max(1, solo)))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
     import socket

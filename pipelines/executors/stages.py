@@ -44,6 +44,9 @@ PIPELINE_OPTIONS = tuple(f.name for f in dataclasses.fields(PipelineConfig)) + (
 def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(executor options, pipeline overrides); unknown names are a ConfigError up front, before
     any process starts, rather than a traceback from every worker."""
+    options = dict(options)
+    if "max_queue" in options:  # the local executor's name for the same bound
+        options.setdefault("max_inflight", options.pop("max_queue"))
     unknown = set(options) - set(EXECUTOR_OPTIONS) - set(PIPELINE_OPTIONS)
     if unknown:
         raise ConfigError(
