@@ -176,6 +176,9 @@ def test_dualparal_drains_when_the_stream_pauses(dualparal):
     late = dualparal.submit(request("d", 2, audio[2])).result(timeout=60)
     assert late.ok, late.error
     bad = dualparal.submit(request("d", 3, np.zeros(7, np.float32)))
+    behind = dualparal.submit(request("d", 4, audio_blocks(info, 5, seed=3)[4]))
     with pytest.raises(SessionError, match="audio samples"):
         bad.result(timeout=60)
+    after = behind.result(timeout=60)  # queued behind the bad block: ended, not forgotten
+    assert not after.ok and "audio samples" in after.error
     assert dualparal.healthy()

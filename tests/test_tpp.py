@@ -205,3 +205,18 @@ def test_tpp_pipeline_has_no_bubbles_once_full(tpp):
     ends = [e["end"] for e in events[-1][fill : 2 * n - fill]]
     period = statistics.median(np.diff(ends))
     assert period < stage + 0.5 * others, (period, busy)
+
+
+@pytest.mark.distributed
+def test_tpp_unexpected_error_ends_only_that_session(tpp):
+    """An input no check anticipated (a reference of the wrong size) fails inside a worker: that
+    open fails, the workers keep running, other sessions stream on."""
+    info = tpp.info
+    tpp.open_session(SessionSpec("fine", default_reference(info.height, info.width), seed=1))
+    with pytest.raises(Exception, match="rank 0"):
+        tpp.open_session(SessionSpec("odd", default_reference(2 * info.height, 2 * info.width)))
+    assert tpp.healthy()
+    r = tpp.submit(request("fine", 0, audio_blocks(info, 1, 0)[0])).result(timeout=60)
+    assert r.ok, r.error
+    assert [s["sessions"] for s in tpp.worker_stats()] == [1] * (len(tpp.pids()))
+    tpp.close_session("fine")

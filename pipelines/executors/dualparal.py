@@ -41,6 +41,7 @@ from pipelines.executors.remote import PipelineExecutor
 from pipelines.executors.stages import (
     encode_audio,
     error_message,
+    guarded,
     load_decoder,
     load_generator,
     run_decoder,
@@ -202,16 +203,13 @@ class LayerRank:
     def handle(self, source: str, msg: Message) -> bool:
         """React to one message; True when the rank must stop."""
         kind, m = msg.kind, msg.meta
-        if kind == "fwd":
-            self.forward(msg)
-        elif kind == "sink":
-            self.sink_pass(msg)
+        if kind in ("fwd", "sink", "open"):
+            handler = {"fwd": self.forward, "sink": self.sink_pass, "open": self.open}[kind]
+            guarded(self.ctx.stage, msg, handler, self._drop, self.out.send)
         elif kind in ("returned", "left"):
             self.on_return(msg)
         elif kind == "block":
             self.on_request(msg)
-        elif kind == "open":
-            self.open(msg)
         elif kind == "close":
             self._drop(m["session_id"])
             self.out.send(msg)
@@ -452,11 +450,14 @@ class LayerRank:
                 return True
             if ready:
                 b, k = sess.plan.popleft()
-                self._issue(sid, sess, b, k)
+                issue = Message("issue", {"session_id": sid, "block_index": b, "step": k})
+                guarded(0, issue, self._issue, self._drop, self.out.send)
                 return True
         return False
 
-    def _issue(self, sid: str, sess: _Session, b: int, k: int) -> None:
+    def _issue(self, issue: Message) -> None:
+        sid, b, k = (issue.meta[key] for key in ("session_id", "block_index", "step"))
+        sess = self.sessions[sid]
         latent = sess.latents.pop(b)
         blk = sess.blocks[b]
         meta = {

@@ -467,6 +467,8 @@ class PipelineExecutor(Executor):
         m = msg.meta
         with self._lock:
             if msg.kind == "result":
+                if m.get("dropped") or m.get("error_kind") == "session":
+                    self._end_session(m["session_id"], m["block_index"], m.get("error", ""))
                 p = self._pending.pop((m["session_id"], m["block_index"]), None)
                 if p is None:
                     return  # its session was closed meanwhile
@@ -475,10 +477,7 @@ class PipelineExecutor(Executor):
                     self.latents[(m["session_id"], m["block_index"])] = m["latent"]
                     while len(self.latents) > self.keep_latents:
                         self.latents.pop(next(iter(self.latents)))
-                if m.get("dropped"):
-                    self._sessions.discard(m["session_id"])
                 if m.get("error_kind") == "session":
-                    self._sessions.discard(m["session_id"])
                     p.future.set_exception(SessionError(m["error"]))
                     return
                 _resolve(
@@ -498,12 +497,31 @@ class PipelineExecutor(Executor):
                     return
                 if m.get("error"):
                     fut.set_exception(_user_error(m))
+                    # Ranks before the one that failed hold the session: let them drop it.
+                    with contextlib.suppress(ExecutorError):
+                        self._post(Message("close", {"session_id": m["session_id"]}))
                 else:
                     fut.set_result(None)
             elif msg.kind == "stats":
                 fut = self._requests.pop(m["request"], None)
                 if fut is not None and not fut.done():
                     fut.set_result(m["ranks"])
+
+    def _end_session(self, session_id: str, failed_block: int, error: str) -> None:
+        """A worker dropped the session: its other pending blocks will never come back."""
+        self._sessions.discard(session_id)
+        for key in [k for k in self._pending if k[0] == session_id and k[1] != failed_block]:
+            p = self._pending.pop(key)
+            _resolve(
+                p.future,
+                BlockResult(
+                    session_id,
+                    key[1],
+                    None,
+                    submitted_at=p.request.submitted_at,
+                    error=f"session ended by an earlier block's error: {error}",
+                ),
+            )
 
     def _monitor_loop(self, gen: _Generation) -> None:
         group = gen.group

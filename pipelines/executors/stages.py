@@ -12,6 +12,7 @@ single-process engine's.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import asdict
 from typing import Any
 
@@ -22,6 +23,8 @@ from models.errors import ConfigError, DiffstreamError, InvalidAudioError
 from pipelines.executors.launch import WorkerContext
 from pipelines.executors.wire import LinkError, Message
 from pipelines.generator import BlockInputs, PipelineConfig, StreamingGenerator
+
+log = logging.getLogger(__name__)
 
 EXECUTOR_OPTIONS = (
     "timeout_s",
@@ -160,6 +163,33 @@ def error_message(
             "what": what,
         },
     )
+
+
+def guarded(rank: int, msg: Message, handler: Any, drop: Any, send: Any) -> None:
+    """Run one session's message handler so that an unexpected error (a bug, an input no check
+    anticipated, CUDA out of memory) ends that session only: the rank drops it and sends an
+    in-band error on, as the local executor fails one block and keeps serving. A broken link
+    is not the session's fault and still ends the worker."""
+    try:
+        handler(msg)
+    except LinkError:
+        raise
+    except Exception as exc:
+        sid = msg.meta.get("session_id")
+        if sid is None:
+            raise
+        log.exception("rank %d: %s of session %s failed", rank, msg.kind, sid)
+        drop(sid)
+        opening = msg.kind == "open" or msg.meta.get("what") == "open"
+        send(
+            error_message(
+                sid,
+                msg.meta.get("block_index"),
+                f"internal error on worker rank {rank}: {type(exc).__name__}: {exc}",
+                drop=True,
+                what="open" if opening else "block",
+            )
+        )
 
 
 def run_decoder(ctx: WorkerContext, vae: Any) -> int:

@@ -39,6 +39,7 @@ from pipelines.executors.stages import (
     block_inputs,
     encode_audio,
     error_message,
+    guarded,
     load_decoder,
     load_generator,
     run_decoder,
@@ -154,10 +155,9 @@ class StepRank:
                 continue
             msg = got[1]
             kind = msg.kind
-            if kind == "block":
-                self.block(msg)
-            elif kind == "open":
-                self.open(msg)
+            if kind in ("block", "open"):
+                handler = self.block if kind == "block" else self.open
+                guarded(self.rank, msg, handler, self._drop, self.out.send)
             elif kind == "close":
                 self.sessions.pop(msg.meta["session_id"], None)
                 self._refreshes.pop(msg.meta["session_id"], None)
@@ -184,6 +184,10 @@ class StepRank:
                 raise LinkError(f"rank {self.rank}: unexpected message {kind!r}")
 
     # ---- sessions ------------------------------------------------------------------------------
+    def _drop(self, sid: str) -> None:
+        self.sessions.pop(sid, None)
+        self._refreshes.pop(sid, None)
+
     def open(self, msg: Message) -> None:
         m = msg.meta
         sid = m["session_id"]
