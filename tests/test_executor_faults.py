@@ -230,3 +230,14 @@ def test_torchrun_workers_stream_and_come_back_after_a_failure(tmp_path):
             torchrun.kill()
             torchrun.wait(10)
         log.close()
+
+
+def test_bad_option_is_reported_as_the_users_error_and_leaves_nothing():
+    from models.errors import ConfigError, ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError):
+        TPPExecutor.launch(model="no-such-model", devices="cpu:2")  # before any process starts
+    before = set(_worker_children())
+    with pytest.raises(ConfigError, match="steps"):
+        TPPExecutor.launch(model="tiny", devices="cpu:2", steps=0, threads=1, verbose=False)
+    assert wait_gone(list(set(_worker_children()) - before), 10) == []

@@ -39,6 +39,7 @@ from pipelines.executors.base import ModelInfo
 from pipelines.executors.launch import WorkerContext, check_devices
 from pipelines.executors.remote import PipelineExecutor
 from pipelines.executors.stages import (
+    check_model,
     encode_audio,
     error_message,
     guarded,
@@ -76,6 +77,7 @@ class DualParalExecutor(PipelineExecutor):
         Extra option: drain_after_s, seconds without a new block before the queue advances
         without one (default: two block durations, so live audio's jitter does not drain)."""
         drain = options.pop("drain_after_s", None)
+        check_model(model)
         executor_opts, pipeline = split_options(options)
         pipeline.setdefault("coordinated_noise", True)
         pipeline.pop("cache_mode", None)  # the schedule defines its own caching

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from models.errors import ConfigError, ExecutorError
+from models.errors import ConfigError, DiffstreamError, ExecutorError
 from pipelines.executors.wire import TAG_BACK, TAG_DOWN, Link, LinkError, Message
 
 log = logging.getLogger(__name__)
@@ -205,10 +205,9 @@ class WorkerGroup:
                 return f"{who} was killed by {signal.Signals(-code).name}"
         if code == EXIT_PEER_LOST:
             return f"{who} gave up on a neighbour that died or hung: {self.exit_reason(stage)}"
-        what = {
-            EXIT_ORPHAN: "lost the driver",
-            EXIT_ERROR: "failed (see its log above)",
-        }.get(code or 0, f"exited with code {code}")
+        if code == EXIT_ERROR:
+            return f"{who} failed: {self.exit_reason(stage)}"
+        what = {EXIT_ORPHAN: "lost the driver"}.get(code or 0, f"exited with code {code}")
         return f"{who} {what}"
 
     def exit_reason(self, stage: int) -> str:
@@ -219,13 +218,26 @@ class WorkerGroup:
                 return self.store.get(key).decode()
         return "no reason recorded"
 
+    def _startup_error(self) -> DiffstreamError:
+        """The user's own error (bad option, missing weights) as its own type when a worker
+        reported one; otherwise an ExecutorError naming the worker."""
+        import models.errors as errors
+
+        for stage, code in self.dead():
+            if code == EXIT_ERROR:
+                name, _, text = self.exit_reason(stage).partition(": ")
+                cls = getattr(errors, name, None)
+                if isinstance(cls, type) and issubclass(cls, DiffstreamError) and text:
+                    return cls(text)
+        return ExecutorError(f"start-up failed: {self.describe_death()}")
+
     def wait_ready(self) -> list[dict[str, Any]]:
         """Wait for every worker's ready key, failing fast when one dies first."""
         keys = [f"ready/{s}" for s in range(self.workers)]
         deadline = time.monotonic() + self.startup_timeout_s
         while not self.store.check(keys):
             if self.dead():
-                raise ExecutorError(f"start-up failed: {self.describe_death()}")
+                raise self._startup_error()
             if time.monotonic() > deadline:
                 raise ExecutorError(
                     f"start-up timed out after {self.startup_timeout_s:.0f} s waiting for "
@@ -477,6 +489,13 @@ def _watch_store() -> None:
                 os._exit(EXIT_ORPHAN)
 
 
+def _last_words(stage: int, text: str) -> None:
+    """Leave the reason for exiting in the store, where the driver reads it."""
+    if _STORE:
+        with contextlib.suppress(Exception):
+            _STORE[0].set(f"exit/{stage}", text[:500])
+
+
 def worker_main(spec: WorkerSpec) -> None:
     """Entry point of a worker process (spawned by the driver, or started by torchrun)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
@@ -489,13 +508,16 @@ def worker_main(spec: WorkerSpec) -> None:
         code = _run_worker(spec)
     except LinkError as exc:
         print(f"diffstream worker rank {spec.stage}: {exc}", file=sys.stderr, flush=True)
-        if _STORE:
-            with contextlib.suppress(Exception):
-                _STORE[0].set(f"exit/{spec.stage}", str(exc))
+        _last_words(spec.stage, str(exc))
         code = EXIT_PEER_LOST
-    except BaseException:
+    except DiffstreamError as exc:  # a bad model or option: one line, not a traceback
+        print(f"diffstream worker rank {spec.stage}: {exc}", file=sys.stderr, flush=True)
+        _last_words(spec.stage, f"{type(exc).__name__}: {exc}")
+        code = EXIT_ERROR
+    except BaseException as exc:
         print(f"diffstream worker rank {spec.stage} failed:", file=sys.stderr, flush=True)
         traceback.print_exc()
+        _last_words(spec.stage, f"{type(exc).__name__}: {exc}")
         code = EXIT_ERROR
     finally:
         if code == 0 and _STORE:  # a clean stop; torchrun-mode drivers wait for it

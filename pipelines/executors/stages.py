@@ -44,6 +44,19 @@ PIPELINE_OPTIONS = tuple(f.name for f in dataclasses.fields(PipelineConfig)) + (
 )
 
 
+def check_model(model: str) -> None:
+    """A model that cannot exist fails here, once, instead of in every worker."""
+    from pathlib import Path
+
+    from models.errors import ModelNotFoundError
+    from models.registry import NAMES
+
+    if model not in NAMES and not Path(model).expanduser().exists():
+        raise ModelNotFoundError(
+            f"model {model!r} is neither a known name ({', '.join(NAMES)}) nor an existing folder"
+        )
+
+
 def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(executor options, pipeline overrides); unknown names are a ConfigError up front, before
     any process starts, rather than a traceback from every worker."""

@@ -37,6 +37,7 @@ from pipelines.executors.launch import WorkerContext, check_devices
 from pipelines.executors.remote import PipelineExecutor
 from pipelines.executors.stages import (
     block_inputs,
+    check_model,
     encode_audio,
     error_message,
     guarded,
@@ -76,6 +77,7 @@ class TPPExecutor(PipelineExecutor):
         cls, *, model: str = "default", devices: str = "cpu:2", **options: Any
     ) -> TPPExecutor:
         """Start the workers (torch.multiprocessing, spawn) and wait until they are ready."""
+        check_model(model)
         executor_opts, pipeline = split_options(options)
         mode = pipeline.get("cache_mode", "timestep_forcing")
         if mode != "timestep_forcing":
