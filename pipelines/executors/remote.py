@@ -452,6 +452,8 @@ class PipelineExecutor(Executor):
                 if not self._stopping:
                     self._fail(gen, self._death_or(gen.group, str(exc)))
                 return
+            if self._gen is not gen:
+                return  # a late message of a generation already given up
             gen.last_heard = time.monotonic()
             if msg.kind == "stop":
                 return
