@@ -20,7 +20,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv make ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
-RUN useradd --create-home --uid 1000 diffstream
+# Ubuntu 24.04 images already have a user "ubuntu" with UID 1000, so let useradd pick one.
+RUN useradd --create-home diffstream
 WORKDIR /app
 RUN chown diffstream /app
 USER diffstream

@@ -415,13 +415,11 @@ class CausalWanTransformer(nn.Module):
             rope = self.rope(frame_positions, gh, gw)
         sink_rope = None
         if plan.sink_position is not None:
-            sink_rope = self.rope(torch.tensor([plan.sink_position], device=latent.device), gh, gw)
-            if plan.cache is not None and plan.cache.sink_frames > 1:
-                sink_rope = self.rope(
-                    torch.full((plan.cache.sink_frames,), plan.sink_position, device=latent.device),
-                    gh,
-                    gw,
-                )
+            # torch.full fills on the device; torch.tensor([...]) would be a synchronous copy.
+            n_sink = plan.cache.sink_frames if plan.cache is not None else 1
+            sink_rope = self.rope(
+                torch.full((max(1, n_sink),), plan.sink_position, device=latent.device), gh, gw
+            )
         if not isinstance(context, PreparedContext):
             context = self.prepare_context(context)
         audio_kv = audio if isinstance(audio, list) else None

@@ -125,7 +125,7 @@ def build_tiny(seed: int = 0, **overrides: Any) -> ModelBundle:
         defaults=StreamDefaults(),
         audio_config=audio_cfg,
         vae_config=vae_cfg,
-        notice="tiny: randomly initialised weights (the output is noise-like, not a face)",
+        notice=model_notice("tiny"),
     )
 
 
@@ -158,7 +158,7 @@ def build_wan_random(size: str = "1.3b", height: int = 480, width: int = 832) ->
         defaults=StreamDefaults(fps=16.0, height=height, width=width, window_frames=6),
         audio_config=audio_cfg,
         vae_config={"kind": "wan"},
-        notice=f"wan-{size}: Wan architecture with random weights (for speed measurements only)",
+        notice=model_notice(f"wan-{size}"),
     )
 
 
@@ -295,6 +295,22 @@ def load_diffusers_wan(path: Path) -> ModelBundle:
 NAMES = ("default", "tiny", "wan-1.3b", "wan-14b")
 
 
+def model_notice(name_or_path: str) -> str:
+    """The notice `load_model` would attach (random weights), without loading anything."""
+    if name_or_path == "default" and not (DEFAULT_DIR / "model.json").is_file():
+        return (
+            "default: no trained weights are shipped yet, so the default is the tiny randomly "
+            "initialised config (its output is noise-like, not a face)"
+        )
+    if name_or_path == "tiny":
+        return "tiny: randomly initialised weights (the output is noise-like, not a face)"
+    if name_or_path in ("wan-1.3b", "wan-14b"):
+        return (
+            f"{name_or_path}: Wan architecture with random weights (for speed measurements only)"
+        )
+    return ""
+
+
 def load_model(name_or_path: str = "default") -> ModelBundle:
     """Resolve a model name or a folder to a ModelBundle on the CPU (move it with `.to`)."""
     if name_or_path == "default":
@@ -304,10 +320,7 @@ def load_model(name_or_path: str = "default") -> ModelBundle:
             return bundle
         bundle = build_tiny()
         bundle.name = "default"
-        bundle.notice = (
-            "default: no trained weights are shipped yet, so the default is the tiny randomly "
-            "initialised config (its output is noise-like, not a face)"
-        )
+        bundle.notice = model_notice("default")
         return bundle
     if name_or_path == "tiny":
         return build_tiny()

@@ -1,8 +1,9 @@
 """`diffstream render`: generate offline from a reference image and an audio file.
 
 Writes OUT.mp4 (H.264 video with the driving audio muxed, AAC) and OUT.npy (uint8 [N, H, W, 3]).
-It runs the same StreamingGenerator the service runs, block by block, so what you render is
-what a viewer would see for the same seed.
+It drives the same executor interface the service drives, block by block, so what you render
+is what a viewer would see for the same seed, and `--executor tpp|dualparal --devices ...`
+renders across several devices (or `cpu:N` processes) exactly as `serve` would.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 CACHE_MODES = ("reencode", "timestep_forcing")
+EXECUTORS = ("local", "tpp", "dualparal")
+IN_FLIGHT = 8  # blocks submitted ahead of the one being collected (fills a TPP pipeline)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-mode", choices=CACHE_MODES, default=None)
     p.add_argument("--sink-refresh", action="store_true", help="re-anchor on the first frame")
     p.add_argument("--no-sink", action="store_true", help="disable the rolling sink frame")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
+    p.add_argument(
+        "--executor", default="local", choices=EXECUTORS, help="local (default), tpp or dualparal"
+    )
+    p.add_argument(
+        "--devices",
+        "--device",
+        dest="devices",
+        default="cpu",
+        help="cpu, cuda, cuda:1 for local; cuda:0,cuda:1,... or cpu:N for tpp and dualparal",
+    )
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this much audio")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -72,56 +84,81 @@ def write_mp4(
 
 
 def run(args: argparse.Namespace) -> int:
+    from collections import deque
+
     from tqdm import tqdm
 
     from models.audio import load_audio
-    from models.errors import InvalidAudioError
-    from models.registry import load_model
-    from pipelines.executors import parse_devices
-    from pipelines.generator import StreamingGenerator
+    from models.errors import ExecutorError, InvalidAudioError
+    from models.registry import model_notice
+    from pipelines.executors import ExecutorBusy, build_executor
+    from pipelines.executors.stages import check_model
+    from pipelines.messages import BlockRequest, SessionSpec
     from pipelines.reference import load_reference_image
 
-    device = parse_devices(args.device)[0]
-    bundle = load_model(args.model)
-    if bundle.notice:
-        print(f"note: {bundle.notice}", file=sys.stderr)
-    overrides = {"steps": args.steps, "cache_mode": args.cache_mode}
-    if args.sink_refresh:
-        overrides["sink_refresh"] = True
+    check_model(args.model)
+    options: dict = {"steps": args.steps, "cache_mode": args.cache_mode}
     if args.no_sink:
-        overrides["sink"] = False
-    gen = StreamingGenerator.from_bundle(bundle, device=device, **overrides)
-    reference = load_reference_image(args.image, gen.height, gen.width)
-    audio = load_audio(args.audio, gen.audio_sample_rate)
-    if args.max_seconds is not None:
-        audio = audio[: int(args.max_seconds * gen.audio_sample_rate)]
-    if audio.size == 0:
-        raise InvalidAudioError(f"{args.audio}: no audio samples to drive the video")
-    state = gen.new_session(reference, seed=args.seed, steps=args.steps)
+        options["sink"] = False
+    options = {k: v for k, v in options.items() if v is not None}
+    with build_executor(args.executor, model=args.model, devices=args.devices, **options) as ex:
+        info = ex.info
+        if model_notice(args.model):
+            print(f"note: {model_notice(args.model)}", file=sys.stderr)
+        reference = load_reference_image(args.image, info.height, info.width)
+        audio = load_audio(args.audio, info.audio_sample_rate)
+        if args.max_seconds is not None:
+            audio = audio[: int(args.max_seconds * info.audio_sample_rate)]
+        if audio.size == 0:
+            raise InvalidAudioError(f"{args.audio}: no audio samples to drive the video")
+        spec = SessionSpec(
+            "render", reference, seed=args.seed, steps=args.steps, sink_refresh=args.sink_refresh
+        )
+        ex.open_session(spec)
 
-    blocks: list[np.ndarray] = []
-    pos = 0
-    total = audio.shape[0]
-    bar = tqdm(total=round(total / gen.audio_sample_rate, 2), unit="s", disable=args.quiet)
-    while pos < total:
-        n = gen.block_samples(state.block_index)
-        window = audio[pos : pos + n]
-        if window.shape[0] < n:
-            window = np.pad(window, (0, n - window.shape[0]))
-        frames, _ = gen.generate_block(state, window)
-        blocks.append(frames)
-        pos += n
-        bar.update(round(n / gen.audio_sample_rate, 2))
-    bar.close()
+        blocks: list[np.ndarray] = []
+        pending: deque = deque()
+        total = audio.shape[0]
+        sr = info.audio_sample_rate
+        bar = tqdm(total=round(total / sr, 2), unit="s", disable=args.quiet)
+
+        def collect() -> None:
+            result = pending.popleft().result()
+            if not result.ok:
+                raise ExecutorError(f"block {result.block_index} failed: {result.error}")
+            blocks.append(result.frames)
+            bar.update(round(info.block_samples(result.block_index) / sr, 2))
+
+        pos = index = 0
+        while pos < total:
+            n = info.block_samples(index)
+            window = audio[pos : pos + n]
+            if window.shape[0] < n:
+                window = np.pad(window, (0, n - window.shape[0]))
+            while len(pending) >= IN_FLIGHT:
+                collect()
+            try:
+                pending.append(ex.submit(BlockRequest("render", index, window)))
+            except ExecutorBusy:
+                if not pending:
+                    raise
+                collect()
+                continue
+            pos += n
+            index += 1
+        while pending:
+            collect()
+        bar.close()
+        ex.close_session("render")
     video = np.concatenate(blocks)
     out = Path(args.output)
     if out.suffix in (".mp4", ".npy"):
         out = out.with_suffix("")
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out.with_suffix(".npy"), video)
-    write_mp4(out.with_suffix(".mp4"), video, gen.fps, audio, gen.audio_sample_rate)
+    write_mp4(out.with_suffix(".mp4"), video, info.fps, audio, sr)
     print(
         f"wrote {out.with_suffix('.mp4')} and {out.with_suffix('.npy')}: "
-        f"{video.shape[0]} frames {video.shape[2]}x{video.shape[1]} at {gen.fps:g} fps"
+        f"{video.shape[0]} frames {video.shape[2]}x{video.shape[1]} at {info.fps:g} fps"
     )
     return 0
