@@ -305,9 +305,7 @@ def model_notice(name_or_path: str) -> str:
     if name_or_path == "tiny":
         return "tiny: randomly initialised weights (the output is noise-like, not a face)"
     if name_or_path in ("wan-1.3b", "wan-14b"):
-        return (
-            f"{name_or_path}: Wan architecture with random weights (for speed measurements only)"
-        )
+        return f"{name_or_path}: Wan architecture with random weights (for speed measurements only)"
     return ""
 
 
