@@ -156,6 +156,8 @@ class Settings(BaseSettings):
             options["height"] = self.height
         if self.width is not None:
             options["width"] = self.width
+        if self.threads is not None and self.executor != "local":
+            options["threads"] = self.threads  # torch threads of each CPU worker process
         return options
 
 

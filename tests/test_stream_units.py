@@ -36,6 +36,13 @@ def test_settings_read_env_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> Non
     assert s.ice_servers() == [{"urls": ["stun:a.example:3478", "stun:b.example:3478"]}]
 
 
+def test_threads_reach_worker_processes_but_not_the_local_engine() -> None:
+    workers = load_settings(executor="tpp", devices="cpu:3", threads=1, steps=2)
+    assert workers.executor_options() == {"steps": 2, "threads": 1}
+    local = load_settings(threads=1)
+    assert "threads" not in local.executor_options() and local.torch_threads() == 1
+
+
 def test_settings_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match="max_sessions"):
         load_settings(max_sessions=0)

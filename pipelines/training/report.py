@@ -70,6 +70,25 @@ def strip(rows: list[tuple[str, np.ndarray]], picks: list[int], path: Path) -> N
     img.save(path)
 
 
+def output_picture(
+    reference: np.ndarray, frames: np.ndarray, openness: np.ndarray, path: Path, count: int = 6
+) -> None:
+    """The README's picture: the reference, then `count` generated frames from quiet to loud
+    (picked by measured mouth opening), each shown at twice its size."""
+    order = np.argsort(openness, kind="stable")
+    picks = [int(order[round(q * (order.size - 1))]) for q in np.linspace(0.05, 1.0, count)]
+    size = reference.shape[0] * 2
+    pad, top = 6, 18
+    img = Image.new("RGB", (pad + (size + pad) * (count + 1), top + size + pad), "white")
+    d = ImageDraw.Draw(img)
+    tiles = [("reference", reference)] + [(f"frame {i}", frames[i]) for i in picks]
+    for c, (label, tile) in enumerate(tiles):
+        x = pad + c * (size + pad)
+        d.text((x, 3), label, fill="black")
+        img.paste(Image.fromarray(tile).resize((size, size), Image.NEAREST), (x, top))
+    img.save(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--audio", nargs="+", required=True)
@@ -110,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             if j == 0:
                 plot_lip_sync(opening, env, out / f"lipsync_{i}.png", Path(path).name)
+            if i == 0 and j == 0:
+                output_picture(ref, run.frames, opening, out / "output.png")
     long_audio = load_audio(args.audio[0], sr)
     rows = []
     for label, overrides in DRIFT_SETTINGS:
