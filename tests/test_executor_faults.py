@@ -108,6 +108,42 @@ def test_killed_worker_ends_streams_and_executor_restarts(tpp):
     assert tpp.healthy() and set(tpp.pids()).isdisjoint(pids)
 
 
+def test_killed_dualparal_worker_ends_streams_and_executor_restarts():
+    """The same fault for DualParal: a layer rank killed while blocks sit in its queue."""
+    from pipelines.executors.dualparal import DualParalExecutor
+
+    ex = DualParalExecutor.launch(
+        model="tiny",
+        devices="cpu:3",
+        threads=1,
+        timeout_s=TIMEOUT_S,
+        heartbeat_s=1.0,
+        max_restarts=2,
+        verbose=False,
+    )
+    try:
+        futs = _stream_until_first_result(ex, "dp-victim", n=12)
+        pids = ex.pids()
+        t0 = time.monotonic()
+        os.kill(pids[1], signal.SIGKILL)
+        errors = [
+            r.error for r in (f.result(timeout=TIMEOUT_S + 5) for f in futs.values()) if not r.ok
+        ]
+        elapsed = time.monotonic() - t0
+        assert errors, "the kill landed after the stream ended; nothing was tested"
+        assert elapsed < TIMEOUT_S + 2
+        assert all("rank 1" in e for e in errors), errors
+        assert not ex.healthy()
+        assert wait_gone(pids, 10) == []
+        _streams_again(ex, "dp-after-kill")
+        assert ex.healthy() and set(ex.pids()).isdisjoint(pids)
+    finally:
+        pids = ex.pids()
+        ex.close()
+    assert wait_gone(pids, 10) == []
+    assert _worker_children() == []
+
+
 def test_hung_worker_is_detected_within_the_timeout(tpp):
     futs = _stream_until_first_result(tpp, "frozen")
     pids = tpp.pids()
