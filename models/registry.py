@@ -94,6 +94,22 @@ def _tiny_vae(**kw: Any):
     return TinyAutoencoder(**kw)
 
 
+def _he_init(module: torch.nn.Module, seed: int) -> None:
+    """He-normal convolutions: with PyTorch's default init a random decoder shrinks its signal
+    layer by layer to a flat grey frame; this keeps random output contrasted (noise-like), so
+    tests that tell frames apart see real differences."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.ConvTranspose2d):  # weight [in, out, k, k]
+                fan_in = m.in_channels * (m.kernel_size[0] // m.stride[0]) ** 2
+            elif isinstance(m, torch.nn.Conv2d):
+                fan_in = m.weight[0].numel()
+            else:
+                continue
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+
+
 def _logmel(**kw: Any):
     from models.audio import build_audio_encoder
 
@@ -107,6 +123,7 @@ def build_tiny(seed: int = 0, **overrides: Any) -> ModelBundle:
     audio = _logmel(**{k: v for k, v in audio_cfg.items() if k != "name"})
     vae_cfg: dict[str, Any] = {"latent_channels": 8}
     vae = _tiny_vae(**vae_cfg)
+    _he_init(vae, seed)
     cfg = tiny_config(
         in_channels=8,
         out_channels=8,

@@ -244,9 +244,12 @@ class TinyAutoencoder(StreamingVAE, nn.Module):
     """A small per-frame autoencoder (8x spatial, no temporal compression) that decodes a 16x16
     latent to a 128x128 frame in a few milliseconds on one CPU core.
 
-    The decoder smooths its lowest-resolution features over time with a depthwise kernel-2
-    causal convolution; that is the only temporal coupling, so the state is one feature map.
-    Its latents are used as they come (no mean/std normalisation).
+    Each encoder level is a strided and a plain 3x3 convolution. The decoder spends its width at
+    the lowest resolution (two 3x3 convolutions, where pixels are few) and upsamples with 4x4
+    stride-2 transposed convolutions, whose kernels overlap, so neighbouring latent cells blend
+    instead of decoding to visible 8x8 tiles. It smooths its lowest-resolution features over
+    time with a depthwise kernel-2 causal convolution; that is the only temporal coupling, so
+    the state is one feature map. Its latents are used as they come (no mean/std normalisation).
     """
 
     CONFIG_NAME = "config.json"
@@ -276,6 +279,7 @@ class TinyAutoencoder(StreamingVAE, nn.Module):
         c_in = image_channels
         for c in channels:
             enc += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), act()]
+            enc += [nn.Conv2d(c, c, 3, padding=1), act()]
             c_in = c
         enc.append(nn.Conv2d(c_in, latent_channels, 3, padding=1))
         self.encoder = nn.Sequential(*enc)
@@ -288,12 +292,12 @@ class TinyAutoencoder(StreamingVAE, nn.Module):
             self.temporal_smooth.weight[:, 0, 0].fill_(0.3)
             self.temporal_smooth.weight[:, 0, 1].fill_(0.7)
             self.temporal_smooth.bias.zero_()
-        dec: list[nn.Module] = [act()]
+        dec: list[nn.Module] = [act(), nn.Conv2d(top, top, 3, padding=1), act()]
         # The full-resolution stage dominates the cost, so it runs at half the first width.
         outs = [*reversed(channels[:-1]), max(channels[0] // 2, 4)]
         c_in = top
         for c in outs:
-            dec += [nn.ConvTranspose2d(c_in, c, 2, stride=2), act()]
+            dec += [nn.ConvTranspose2d(c_in, c, 4, stride=2, padding=1), act()]
             c_in = c
         dec.append(nn.Conv2d(c_in, image_channels, 3, padding=1))
         self.decoder = nn.Sequential(*dec)

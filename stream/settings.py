@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         ge=1,
         description="torch CPU threads (None: all cores but one, leaving one for WebRTC)",
     )
+    engine_process: bool = Field(
+        True,
+        description="run the local executor's engine in a worker process of its own, so the "
+        "service's Python threads never hold it up (False: a thread of the service's process)",
+    )
 
     # Admission and limits.
     max_sessions: int = Field(4, ge=1)
@@ -156,7 +161,11 @@ class Settings(BaseSettings):
             options["height"] = self.height
         if self.width is not None:
             options["width"] = self.width
-        if self.threads is not None and self.executor != "local":
+        if self.executor == "local":
+            options["process"] = self.engine_process
+            if self.engine_process:
+                options["threads"] = self.torch_threads()  # the worker's torch threads
+        elif self.threads is not None:
             options["threads"] = self.threads  # torch threads of each CPU worker process
         return options
 

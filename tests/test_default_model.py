@@ -1,5 +1,7 @@
 """The shipped default model: it loads, looks like its reference, and talks with the audio."""
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +45,26 @@ def test_frames_stay_close_to_the_reference(bundle, reference):
     drift = identity_drift(frames, reference)
     # A different identity scores several times more (see metrics.identity_drift).
     assert float(drift.mean()) < 0.12, drift
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_lip_sync_on_real_speech_it_never_heard(bundle, reference, tmp_path):
+    """Speech from espeak-ng (a real synthesiser, not the training data's): the measured mouth
+    opening of the generated frames follows its loudness; unrelated speech does not match."""
+    from models.audio import load_audio
+    from pipelines.training.avatar import default_mouth_box
+    from pipelines.training.metrics import lip_sync_correlation
+    from pipelines.training.speech import synth_speech
+
+    path = tmp_path / "speech.wav"
+    text = "Hello there. I can talk for as long as you like, and my lips follow every word."
+    subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
+    sr, fps = bundle.defaults.audio_sample_rate, bundle.defaults.fps
+    audio = load_audio(path, sr)
+    n = int(audio.size / sr * fps) // 3 * 3
+    frames = run_stream(bundle, reference, audio, n).frames
+    used = audio[: round(n * sr / fps)]
+    box = default_mouth_box(frames.shape[1])
+    assert lip_sync_correlation(frames, used, sr, fps, box) > 0.6
+    other = synth_speech(used.size / sr, sr, np.random.default_rng(7))
+    assert lip_sync_correlation(frames, other, sr, fps, box) < 0.3

@@ -112,6 +112,7 @@ def test_killed_dualparal_worker_ends_streams_and_executor_restarts():
     """The same fault for DualParal: a layer rank killed while blocks sit in its queue."""
     from pipelines.executors.dualparal import DualParalExecutor
 
+    others = set(_worker_children())  # the module's TPP workers, when its fixture is up
     ex = DualParalExecutor.launch(
         model="tiny",
         devices="cpu:3",
@@ -141,7 +142,7 @@ def test_killed_dualparal_worker_ends_streams_and_executor_restarts():
         pids = ex.pids()
         ex.close()
     assert wait_gone(pids, 10) == []
-    assert _worker_children() == []
+    assert set(_worker_children()) <= others
 
 
 def test_hung_worker_is_detected_within_the_timeout(tpp):

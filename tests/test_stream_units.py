@@ -36,11 +36,14 @@ def test_settings_read_env_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> Non
     assert s.ice_servers() == [{"urls": ["stun:a.example:3478", "stun:b.example:3478"]}]
 
 
-def test_threads_reach_worker_processes_but_not_the_local_engine() -> None:
+def test_threads_reach_the_engine_worker_processes() -> None:
     workers = load_settings(executor="tpp", devices="cpu:3", threads=1, steps=2)
     assert workers.executor_options() == {"steps": 2, "threads": 1}
+    # The local engine runs in a worker process by default, with the service's thread count.
     local = load_settings(threads=1)
-    assert "threads" not in local.executor_options() and local.torch_threads() == 1
+    assert local.executor_options() == {"process": True, "threads": 1}
+    in_thread = load_settings(threads=1, engine_process=False)
+    assert in_thread.executor_options() == {"process": False} and in_thread.torch_threads() == 1
 
 
 def test_settings_errors_name_the_field() -> None:

@@ -46,10 +46,17 @@ def build_executor(
     **options: Any,
 ) -> Executor:
     """Load `model` and start the chosen executor. `options` are pipeline overrides
-    (steps, cache_mode, sink_refresh, frames_per_block, ...) plus executor options."""
+    (steps, cache_mode, sink_refresh, frames_per_block, ...) plus executor options.
+    `process=True` runs the local executor's engine in a worker process of its own (what the
+    service does) instead of a thread of this process."""
     if kind not in EXECUTORS:
         raise ConfigError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
+    if kind == "local" and options.pop("process", False):
+        from pipelines.executors.process import ProcessExecutor
+
+        return ProcessExecutor.launch(model=model, devices=devices, **options)
     if kind == "local":
+        options.pop("threads", None)  # the caller's process sets its own torch threads
         from models.registry import load_model
         from pipelines.executors.local import LocalExecutor
         from pipelines.generator import StreamingGenerator

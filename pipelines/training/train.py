@@ -33,7 +33,7 @@ from pipelines.schedule import FlowMatchSchedule
 from .clips import Clip, make_clip
 
 AUDIO_CONFIG: dict[str, Any] = {"name": "logmel", "n_mels": 40, "tokens_per_latent_frame": 4}
-VAE_CONFIG: dict[str, Any] = {"latent_channels": 8, "channels": [32, 64, 96]}
+VAE_CONFIG: dict[str, Any] = {"latent_channels": 8, "channels": [32, 64, 128]}
 
 
 @dataclass
@@ -43,9 +43,10 @@ class TrainConfig:
     seed: int = 0
     clips: int = 160
     clip_frames: int = 100
-    vae_steps: int = 400
+    vae_steps: int = 5000
+    vae_crop: int = 64  # square crop side in pixels (a multiple of 8)
     vae_batch: int = 8
-    dit_steps: int = 1400
+    dit_steps: int = 4500
     dit_minutes: float | None = None  # cap the DiT phase's wall time (steps are re-planned)
     self_forcing_from: float = 0.55  # fraction of DiT steps after which history is self-made
     batch: int = 8
@@ -241,14 +242,18 @@ def train_vae(
     for step in range(cfg.vae_steps):
         idx = rng.integers(0, len(clips), cfg.vae_batch)
         snips, weights = [], []
+        crop = cfg.vae_crop
         for i in idx:
             c = clips[i]
             t0 = int(rng.integers(0, c.frames.shape[0] - 3))
-            snips.append(_to_unit(c.frames[t0 : t0 + 3]))
+            # Random crops on the latent grid: the networks are convolutional, so a crop trains
+            # the same filters at a fraction of the cost of a whole frame.
+            y, x = (int(v) * 8 for v in rng.integers(0, (size - crop) // 8 + 1, 2))
+            snips.append(_to_unit(c.frames[t0 : t0 + 3, y : y + crop, x : x + crop]))
             w = torch.ones(size, size)
             x0, y0, x1, y1 = c.mouth
             w[y0:y1, x0:x1] = cfg.mouth_weight
-            weights.append(w)
+            weights.append(w[y : y + crop, x : x + crop])
         video = torch.stack(snips).transpose(1, 2)  # [B, 3, F, H, W]
         wmap = torch.stack(weights)[:, None, None]
         b, _, f, h, w = video.shape
@@ -407,15 +412,17 @@ def train_dit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     losses: list[float] = []
     bar = progress("transformer", total)
+    sf_start = int(total * cfg.self_forcing_from)
     model.train()
     t_start = time.perf_counter()
     step = 0
     while step < total:
-        if cfg.dit_minutes is not None and step == 10:
-            # Re-plan the step count to the time budget (self-forced steps cost ~1.6x).
-            per = (time.perf_counter() - t_start) / 10
+        if cfg.dit_minutes is not None and step >= 10 and step % 25 == 10 and step < sf_start:
+            # Re-plan the step count to the time budget from the pace so far (self-forced
+            # steps cost ~1.6x); only before self-forcing starts, so its share stays put.
+            per = (time.perf_counter() - t_start) / step
             est = per * (cfg.self_forcing_from + (1 - cfg.self_forcing_from) * 1.6)
-            total = max(20, min(cfg.dit_steps, int(cfg.dit_minutes * 60 / est)))
+            total = max(step + 10, min(cfg.dit_steps, int(cfg.dit_minutes * 60 / est)))
             bar.total = total
         sf_start = int(total * cfg.self_forcing_from)
         self_forced = step >= sf_start and trainer.rng.random() < 0.5

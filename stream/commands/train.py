@@ -2,7 +2,7 @@
 
 Renders talking-avatar clips with synthetic speech, trains the autoencoder, then the causal
 transformer (teacher forcing, then on its own rolled-out history), and writes a bundle that
-`--model PATH` (or, copied to models/default/, the default) loads. CPU: about half an hour.
+`--model PATH` (or, copied to models/default/, the default) loads. CPU: about 50 minutes on 2 cores (`--minutes` caps the transformer phase).
 """
 
 from __future__ import annotations
