@@ -28,12 +28,12 @@ $BIN/python benchmarks/sessions.py --sessions 1 2 --seconds 15 --model default -
 $BIN/python benchmarks/executors.py --devices cpu:3 --json > "$OUT/executors-cpu3.json"
 
 # Planner: 5 devices for the Wan 1.3B and 14B architectures, costs profiled on this CPU
-# (1 latent frame at a quarter of the size, scaled by FLOPs), 400 Gb/s links
+# (1 latent frame at an eighth of the size per side, scaled by FLOPs), 400 Gb/s links
 for m in wan-1.3b wan-14b; do
   for hw in "480 832" "400 720"; do
     set -- $hw
     $BIN/diffstream plan --model $m --devices 5 --link-gbps 400 --height $1 --width $2 \
-      --profile-device cpu --profile-frames 1 --profile-downscale 4 --dtype float32 --threads 2 \
+      --profile-device cpu --profile-frames 1 --profile-downscale 8 --dtype float32 --threads 2 \
       --cache-mode timestep_forcing --json > "$OUT/plan-$m-$1x$2.json"
   done
 done

@@ -153,6 +153,11 @@ class WanStreamingVAE(StreamingVAE):
         self._mean = stats[0].view(1, -1, 1, 1, 1)
         self._std = stats[1].view(1, -1, 1, 1, 1)
 
+    def to(self, *args: object, **kwargs: object) -> WanStreamingVAE:
+        """Move the wrapped AutoencoderKLWan (device and/or dtype, as nn.Module.to)."""
+        self.vae.to(*args, **kwargs)
+        return self
+
     @property
     def latent_channels(self) -> int:
         return int(self.vae.config.z_dim)

@@ -209,7 +209,7 @@ def profile_costs(
     step = overhead + n_audio * audio_layer + (cfg.num_layers - n_audio) * plain
     decode_s, features_s = (0.0, 0.0)
     if decode:
-        decode_s, features_s = _profile_vae_and_audio(shape, device, dtype, repeats)
+        decode_s, features_s = _profile_vae_and_audio(shape, device, dtype, repeats, downscale)
     what = (
         "the real block"
         if probe == shape
@@ -250,14 +250,22 @@ def _flop_ratio(shape: ModelShape, probe: ModelShape, *, audio: bool) -> float:
 
 
 def _profile_vae_and_audio(
-    shape: ModelShape, device: torch.device, dtype: torch.dtype, repeats: int
+    shape: ModelShape,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    downscale: int = 1,
 ) -> tuple[float, float]:
-    """Decode of one block with the model's autoencoder and audio features of one block."""
+    """Decode of one steady-state block with the model's autoencoder, and the audio features of
+    one steady-state block. With `downscale` the decode runs on a latent that much smaller per
+    side and is scaled by the pixel count (a convolutional decoder's cost is proportional)."""
     import numpy as np
 
     from models.audio import build_audio_encoder
 
-    h, w = shape.latent_hw
+    full_h, full_w = shape.latent_hw
+    k = max(1, int(downscale))
+    h, w = max(2, full_h // k), max(2, full_w // k)
     if shape.vae_kind == "wan":
         from diffusers import AutoencoderKLWan
 
@@ -275,11 +283,20 @@ def _profile_vae_and_audio(
     )
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
+        vae.decode_block(z, state)  # the stream's first block is shorter: time the later ones
         decode = _median_time(lambda: vae.decode_block(z, state), max(1, repeats // 2), sync)
+    decode *= (full_h * full_w) / (h * w)
     enc = build_audio_encoder("logmel", n_mels=40, tokens_per_latent_frame=shape.audio_tokens or 4)
-    samples = round(shape.video_frames / shape.fps * enc.sample_rate)
-    a_state = enc.new_state()
-    audio = np.random.default_rng(0).standard_normal(samples).astype(np.float32) * 0.1
+    sr, a_state = enc.sample_rate, enc.new_state()
+    rng = np.random.default_rng(0)
+
+    def window(frames: int) -> np.ndarray:
+        return rng.standard_normal(round(frames / shape.fps * sr)).astype(np.float32) * 0.1
+
+    enc.encode(
+        window(shape.first_video_frames), shape.first_video_frames, shape.frames_per_block, a_state
+    )
+    audio = window(shape.video_frames)
     features = _median_time(
         lambda: enc.encode(audio, shape.video_frames, shape.frames_per_block, a_state),
         repeats,

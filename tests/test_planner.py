@@ -246,3 +246,16 @@ def test_predictions_agree_with_the_cpu_executors(strategy, model_dir, shape, ge
         pred_stages=pred.stages_s,
         per_message=per_message,
     )
+
+
+def test_profiler_times_the_wan_vae_and_audio_of_a_steady_block():
+    """Wan models: the decode profile runs the real Wan VAE (downscaled, scaled back by pixels)
+    and the audio features of a steady-state block (a Wan stream's first block is shorter)."""
+    from pipelines.profiler import _profile_vae_and_audio
+
+    wan = planner.model_shape("wan-1.3b", dtype="float32", cache_mode="timestep_forcing")
+    assert wan.vae_kind == "wan" and wan.video_frames != wan.first_video_frames
+    decode, features = _profile_vae_and_audio(
+        wan, torch.device("cpu"), torch.float32, repeats=2, downscale=30
+    )
+    assert decode > 0 and features > 0
