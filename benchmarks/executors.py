@@ -37,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import planner
     from pipelines.executors import build_executor, parse_devices
     from pipelines.generator import StreamingGenerator
-    from tests.multidevice_helpers import available_cores, save_test_model
-    from tests.test_planner import _measure_local, _throughput
+    from tests.multidevice_helpers import (
+        available_cores,
+        measure_local,
+        measured_link,
+        pipeline_throughput,
+        save_test_model,
+    )
 
     torch.set_num_threads(1)
     n = len(parse_devices(args.devices))
@@ -50,24 +55,19 @@ def main(argv: list[str] | None = None) -> int:
         costs = planner.profile_costs(shape, device="cpu", dtype=torch.float32, repeats=5)
         for strategy in ("tpp", "dualparal"):
             cores_before = available_cores()
-            before = _measure_local(gen, 6)
+            before = measure_local(gen, 6)
             ex = build_executor(
                 strategy, model=model, devices=args.devices, threads=1, timeout_s=60, verbose=False
             )
             try:
                 steady = range(shape.steps, args.blocks - shape.steps + 1)
-                period, stats = _throughput(ex, args.blocks, steady)
+                period, stats = pipeline_throughput(ex, args.blocks, steady)
             finally:
                 ex.close()
-            after = _measure_local(gen, 6)
+            after = measure_local(gen, 6)
             cores = min(float(n), (cores_before + available_cores()) / 2)
             local = (before["period"] + after["period"]) / 2
-            messages = sum(s["messages_sent"] for s in stats)
-            link = planner.LinkModel(
-                gbps=10.0,
-                latency_s=sum(s["send_seconds"] for s in stats) / messages / 2,
-                cpu_s=sum(s["link_cpu_seconds"] for s in stats) / messages,
-            )
+            link = measured_link(stats)
             predict = planner.predict_tpp if strategy == "tpp" else planner.predict_dualparal
             pred = predict(shape, costs, n, link, cores=cores)
             local_pred = planner.predict_local(shape, costs)

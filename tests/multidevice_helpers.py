@@ -161,3 +161,67 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
             return []
         time.sleep(0.05)
     return [p for p in pids if pid_alive(p)]
+
+
+# ---- measurements shared by the planner check and benchmarks/executors.py --------------------
+def measure_local(gen: StreamingGenerator, blocks: int) -> dict[str, float]:
+    """One process: seconds per block (after 2 warm-up blocks), median step and decode."""
+    import statistics
+
+    from pipelines.executors.local import model_info
+    from pipelines.reference import default_reference
+
+    gen.profile = True
+    state = gen.new_session(default_reference(gen.height, gen.width), seed=0)
+    audio = audio_blocks(model_info(gen, "tiny"), blocks + 2, seed=0)
+    for i in range(2):
+        gen.generate_block(state, audio[i])
+    t0 = time.perf_counter()
+    timings = [gen.generate_block(state, audio[i])[1] for i in range(2, blocks + 2)]
+    period = (time.perf_counter() - t0) / blocks
+    return {
+        "period": period,
+        "step": statistics.median(s for t in timings for s in t.denoise_steps),
+        "decode": statistics.median(t.decode for t in timings),
+    }
+
+
+def pipeline_throughput(executor, blocks: int, steady: range) -> tuple[float, list[dict]]:
+    """Seconds per block while the pipeline is full: two sessions interleaved, completions of
+    blocks in `steady` only (not the fill, nor DualParal's drain after the last block)."""
+    from pipelines.messages import SessionSpec
+    from pipelines.reference import default_reference
+
+    info = executor.info
+    ref = default_reference(info.height, info.width)
+    sessions = ("p1", "p2")
+    for sid in sessions:
+        executor.open_session(SessionSpec(sid, ref, seed=1))
+    audio = audio_blocks(info, blocks, seed=2)
+    futs = submit_all(executor, [request(s, i, audio[i]) for i in range(blocks) for s in sessions])
+    done = {}
+    pending = dict(futs)
+    while pending:  # completion times, taken as they happen
+        for key, f in list(pending.items()):
+            if f.done():
+                r = f.result()
+                assert r.ok, r.error
+                done[key] = time.perf_counter()
+                del pending[key]
+        time.sleep(0.0005)
+    stats = executor.worker_stats()
+    for sid in sessions:
+        executor.close_session(sid)
+    times = sorted(t for (_, i), t in done.items() if i in steady)
+    return (times[-1] - times[0]) / (len(times) - 1), stats
+
+
+def measured_link(stats: list[dict]):
+    """The gloo hop as the workers measured it: wall time per message (two sends each) and the
+    CPU a message costs at both ends, as the planner's LinkModel."""
+    from pipelines import planner
+
+    messages = sum(s["messages_sent"] for s in stats)
+    per_message = sum(s["send_seconds"] for s in stats) / messages
+    cpu = sum(s["link_cpu_seconds"] for s in stats) / messages
+    return planner.LinkModel(gbps=10.0, latency_s=per_message / 2, cpu_s=cpu)

@@ -4,8 +4,6 @@ profiler agrees with the engine, and its predictions agree with the CPU executor
 from __future__ import annotations
 
 import json
-import statistics
-import time
 
 import pytest
 import torch
@@ -14,7 +12,13 @@ from pipelines import planner
 from pipelines.executors.tpp import split_steps
 from pipelines.generator import StreamingGenerator
 from pipelines.reference import default_reference
-from tests.multidevice_helpers import audio_blocks, available_cores, save_test_model
+from tests.multidevice_helpers import (
+    available_cores,
+    measure_local,
+    measured_link,
+    pipeline_throughput,
+    save_test_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -130,34 +134,12 @@ def test_recommendation_respects_memory_and_target():
     assert "nothing reaches" in none.reason
 
 
-def _measure_local(gen, blocks: int) -> dict[str, float]:
-    gen.profile = True
-    state = gen.new_session(default_reference(gen.height, gen.width), seed=0)
-    audio = audio_blocks(_info(gen), blocks + 2, seed=0)
-    for i in range(2):
-        gen.generate_block(state, audio[i])
-    t0 = time.perf_counter()
-    timings = [gen.generate_block(state, audio[i])[1] for i in range(2, blocks + 2)]
-    period = (time.perf_counter() - t0) / blocks
-    return {
-        "period": period,
-        "step": statistics.median(s for t in timings for s in t.denoise_steps),
-        "decode": statistics.median(t.decode for t in timings),
-    }
-
-
-def _info(gen):
-    from pipelines.executors.local import model_info
-
-    return model_info(gen, "tiny")
-
-
 def test_profiler_agrees_with_the_engine(shape, gen):
     """The layer-range profile adds up to what one engine step costs. Profile and engine runs
     alternate and the fastest of three rounds counts, so a burst of load on this shared machine
     hits both sides alike."""
     rounds = [
-        (planner.profile_costs(shape, device="cpu", dtype=torch.float32), _measure_local(gen, 4))
+        (planner.profile_costs(shape, device="cpu", dtype=torch.float32), measure_local(gen, 4))
         for _ in range(3)
     ]
     step = min(c.step_s for c, _ in rounds) / min(m["step"] for _, m in rounds)
@@ -177,36 +159,6 @@ def test_plan_command_prints_every_strategy(model_dir, capsys):
     assert main(["plan", "--model", "nope", "--devices", "2"]) == 2
 
 
-def _throughput(executor, blocks: int, steady: range) -> tuple[float, list[dict]]:
-    """Seconds per block while the pipeline is full: two sessions interleaved, completions of
-    blocks in `steady` only (not the fill, nor DualParal's drain after the last block)."""
-    from pipelines.messages import SessionSpec
-    from tests.multidevice_helpers import request, submit_all
-
-    info = executor.info
-    ref = default_reference(info.height, info.width)
-    sessions = ("p1", "p2")
-    for sid in sessions:
-        executor.open_session(SessionSpec(sid, ref, seed=1))
-    audio = audio_blocks(info, blocks, seed=2)
-    futs = submit_all(executor, [request(s, i, audio[i]) for i in range(blocks) for s in sessions])
-    done = {}
-    pending = dict(futs)
-    while pending:  # completion times, taken as they happen
-        for key, f in list(pending.items()):
-            if f.done():
-                r = f.result()
-                assert r.ok, r.error
-                done[key] = time.perf_counter()
-                del pending[key]
-        time.sleep(0.0005)
-    stats = executor.worker_stats()
-    for sid in sessions:
-        executor.close_session(sid)
-    times = sorted(t for (_, i), t in done.items() if i in steady)
-    return (times[-1] - times[0]) / (len(times) - 1), stats
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["tpp", "dualparal"])
 def test_predictions_agree_with_the_cpu_executors(strategy, model_dir, shape, gen):
@@ -217,23 +169,19 @@ def test_predictions_agree_with_the_cpu_executors(strategy, model_dir, shape, ge
 
     cores_before = available_cores()  # this machine is shared: what we get now, not nproc
     costs = planner.profile_costs(shape, device="cpu", dtype=torch.float32, repeats=5)
-    before = _measure_local(gen, 6)
+    before = measure_local(gen, 6)
     ex = build_executor(
         strategy, model=model_dir, devices="cpu:3", threads=1, timeout_s=60, verbose=False
     )
     try:
         steps = shape.steps
-        measured, stats = _throughput(ex, 12, range(steps, 12 - steps + 1))
+        measured, stats = pipeline_throughput(ex, 12, range(steps, 12 - steps + 1))
     finally:
         ex.close()
-    after = _measure_local(gen, 6)
+    after = measure_local(gen, 6)
     cores = min(3.0, (cores_before + available_cores()) / 2)
     local = (before["period"] + after["period"]) / 2  # load on this shared machine drifts
-    messages = sum(s["messages_sent"] for s in stats)
-    per_message = sum(s["send_seconds"] for s in stats) / messages
-    cpu = sum(s["link_cpu_seconds"] for s in stats) / messages  # both ends
-    # The gloo hop as the workers measured it: wall time per message (two sends each) and CPU.
-    link = planner.LinkModel(gbps=10.0, latency_s=per_message / 2, cpu_s=cpu)
+    link = measured_link(stats)
     predict = planner.predict_tpp if strategy == "tpp" else planner.predict_dualparal
     pred = predict(shape, costs, 3, link, cores=cores)
     predicted = planner.predict_local(shape, costs).period_s / pred.period_s
@@ -244,7 +192,7 @@ def test_predictions_agree_with_the_cpu_executors(strategy, model_dir, shape, ge
         local=local,
         period=measured,
         pred_stages=pred.stages_s,
-        per_message=per_message,
+        link=link,
     )
 
 

@@ -11,7 +11,15 @@ from pipelines.executors.base import Executor, ExecutorBusy, ModelInfo
 
 EXECUTORS = ("local", "tpp", "dualparal")
 
-__all__ = ["EXECUTORS", "Executor", "ExecutorBusy", "ModelInfo", "build_executor", "parse_devices"]
+__all__ = [
+    "EXECUTORS",
+    "Executor",
+    "ExecutorBusy",
+    "ModelInfo",
+    "build_executor",
+    "one_device",
+    "parse_devices",
+]
 
 
 def parse_devices(devices: str) -> list[torch.device]:
@@ -39,6 +47,14 @@ def parse_devices(devices: str) -> list[torch.device]:
     return out
 
 
+def one_device(devices: str) -> torch.device:
+    """The single device of the local executor (in a thread or in its worker process)."""
+    dev = parse_devices(devices)
+    if len(dev) != 1:
+        raise ConfigError("the local executor runs on one device; use --executor tpp or dualparal")
+    return dev[0]
+
+
 def build_executor(
     kind: str = "local",
     model: str = "default",
@@ -62,13 +78,9 @@ def build_executor(
         from pipelines.generator import StreamingGenerator
 
         max_queue = int(options.pop("max_queue", 32))
-        dev = parse_devices(devices)
-        if len(dev) != 1:
-            raise ConfigError(
-                "the local executor runs on one device; use --executor tpp or dualparal"
-            )
+        dev = one_device(devices)
         bundle = load_model(model)
-        gen = StreamingGenerator.from_bundle(bundle, device=dev[0], **options)
+        gen = StreamingGenerator.from_bundle(bundle, device=dev, **options)
         return LocalExecutor(gen, name=bundle.name, max_queue=max_queue)
     if kind == "tpp":
         from pipelines.executors.tpp import TPPExecutor

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from models.errors import ConfigError, DiffstreamError
+from models.errors import DiffstreamError
 from pipelines.executors.base import ModelInfo
 from pipelines.executors.launch import WorkerContext
 from pipelines.executors.remote import PipelineExecutor
@@ -37,17 +37,13 @@ class ProcessExecutor(PipelineExecutor):
     @classmethod
     def launch(cls, *, model: str = "default", devices: str = "cpu", **options: Any):
         """Start the worker (torch.multiprocessing, spawn) and wait until its model is loaded."""
-        from pipelines.executors import parse_devices
+        from pipelines.executors import one_device
 
         check_model(model)
         executor_opts, pipeline = split_options(options)
-        devs = parse_devices(devices)
-        if len(devs) != 1:
-            raise ConfigError(
-                "the local executor runs on one device; use --executor tpp or dualparal"
-            )
+        device = one_device(devices)
         executor_opts.setdefault("verbose", False)
-        return cls(model=model, devices=devs, options=pipeline, **executor_opts)
+        return cls(model=model, devices=[device], options=pipeline, **executor_opts)
 
     def roles(self, info: ModelInfo, ready: list[dict[str, Any]]) -> list[str]:
         return ["the whole generator: audio features, denoise, decode"]

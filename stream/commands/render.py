@@ -92,19 +92,18 @@ def run(args: argparse.Namespace) -> int:
     from models.errors import ExecutorError, InvalidAudioError
     from models.registry import model_notice
     from pipelines.executors import ExecutorBusy, build_executor
-    from pipelines.executors.stages import check_model
     from pipelines.messages import BlockRequest, SessionSpec
     from pipelines.reference import load_reference_image
 
-    check_model(args.model)
     options: dict = {"steps": args.steps, "cache_mode": args.cache_mode}
     if args.no_sink:
         options["sink"] = False
     options = {k: v for k, v in options.items() if v is not None}
     with build_executor(args.executor, model=args.model, devices=args.devices, **options) as ex:
         info = ex.info
-        if model_notice(args.model):
-            print(f"note: {model_notice(args.model)}", file=sys.stderr)
+        notice = model_notice(args.model)
+        if notice:
+            print(f"note: {notice}", file=sys.stderr)
         reference = load_reference_image(args.image, info.height, info.width)
         audio = load_audio(args.audio, info.audio_sample_rate)
         if args.max_seconds is not None:
