@@ -140,25 +140,31 @@ class RotaryPositions(nn.Module):
 
     def forward(self, frame_positions: torch.Tensor, height: int, width: int) -> RotaryEmbedding:
         device = frame_positions.device
-        f = frame_positions.to(torch.float64)
-        t_ang = f[:, None] * self._inv_freq(self.t_dim, device)[None]
-        h_ang = (
-            torch.arange(height, dtype=torch.float64, device=device)[:, None]
-            * self._inv_freq(self.h_dim, device)[None]
+        return self.grid(
+            frame_positions,
+            torch.arange(height, device=device),
+            torch.arange(width, device=device),
         )
-        w_ang = (
-            torch.arange(width, dtype=torch.float64, device=device)[:, None]
-            * self._inv_freq(self.w_dim, device)[None]
-        )
-        nf = f.shape[0]
-        ang = torch.cat(
+
+    def angles(self, frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Rotation angles [F*H*W, head_dim/2] (float64) of the tokens of a (frames x rows x
+        cols) grid, frame-major, for any integer positions (negative and sparse ones included:
+        Live Avatar's packed motion tokens sit at such positions)."""
+        t_ang = frames.to(torch.float64)[:, None] * self._inv_freq(self.t_dim, frames.device)[None]
+        h_ang = rows.to(torch.float64)[:, None] * self._inv_freq(self.h_dim, rows.device)[None]
+        w_ang = cols.to(torch.float64)[:, None] * self._inv_freq(self.w_dim, cols.device)[None]
+        nf, nh, nw = t_ang.shape[0], h_ang.shape[0], w_ang.shape[0]
+        return torch.cat(
             [
-                t_ang[:, None, None].expand(nf, height, width, -1),
-                h_ang[None, :, None].expand(nf, height, width, -1),
-                w_ang[None, None, :].expand(nf, height, width, -1),
+                t_ang[:, None, None].expand(nf, nh, nw, -1),
+                h_ang[None, :, None].expand(nf, nh, nw, -1),
+                w_ang[None, None, :].expand(nf, nh, nw, -1),
             ],
             dim=-1,
-        ).reshape(1, nf * height * width, 1, -1)
+        ).reshape(nf * nh * nw, -1)
+
+    def grid(self, frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> RotaryEmbedding:
+        ang = self.angles(frames, rows, cols)[None, :, None]
         return RotaryEmbedding(cos=ang.cos().float(), sin=ang.sin().float())
 
 
@@ -220,6 +226,49 @@ class AttentionPlan:
     layer_offset: int = 0
 
 
+def cached_attention(
+    q: torch.Tensor,
+    k_raw: torch.Tensor,
+    v: torch.Tensor,
+    rope: RotaryEmbedding,
+    sink_rope: RotaryEmbedding | None,
+    plan: AttentionPlan,
+    layer: int,
+) -> torch.Tensor:
+    """Self-attention of a block's tokens over the sink, the cached history and themselves.
+
+    q: rotated queries; k_raw: unrotated keys; v: values, all [B, N, H, Dh]. Reads the sink
+    (rotated to its position now) and the ring as `plan` says, then writes the block's rotated
+    keys into the ring and/or its unrotated keys as the sink. Every transformer family of the
+    project (Wan 2.1 layout, Live Avatar's S2V layout) runs its self-attention through here.
+    """
+    k = rope.apply(k_raw)
+    cache = plan.cache
+    slot = layer - plan.layer_offset  # this layer's index inside the cache
+    keys, values = [k], [v]
+    if cache is not None:
+        if plan.read_history and cache.filled_frames:
+            hk, hv = cache.history(slot)
+            keys.insert(0, hk)
+            values.insert(0, hv)
+        if sink_rope is not None and cache.has_sink:
+            keys.insert(0, sink_rope.apply(cache.sink_keys[slot]))
+            values.insert(0, cache.sink_values[slot])
+    k_all = keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)
+    v_all = values[0] if len(values) == 1 else torch.cat(values, dim=1)
+    mask = plan.mask
+    if mask is not None and k_all.shape[1] != mask.shape[-1]:
+        extra = k_all.shape[1] - mask.shape[-1]
+        mask = torch.cat([mask.new_ones(mask.shape[0], extra), mask], dim=-1)
+    out = attend(q, k_all, v_all, mask)
+    if cache is not None:
+        if plan.store_sink:
+            cache.write_sink(slot, k_raw, v)
+        if plan.write_start is not None:
+            cache.write(slot, plan.write_start, k, v)
+    return out
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: WanConfig, audio: bool) -> None:
         super().__init__()
@@ -252,32 +301,8 @@ class TransformerBlock(nn.Module):
         plan: AttentionPlan,
     ) -> torch.Tensor:
         a = self.attn1
-        q = rope.apply(a.query(x))
         k_raw, v = a.key_value(x)
-        k = rope.apply(k_raw)
-        cache = plan.cache
-        slot = layer - plan.layer_offset  # this layer's index inside the cache
-        keys, values = [k], [v]
-        if cache is not None:
-            if plan.read_history and cache.filled_frames:
-                hk, hv = cache.history(slot)
-                keys.insert(0, hk)
-                values.insert(0, hv)
-            if sink_rope is not None and cache.has_sink:
-                keys.insert(0, sink_rope.apply(cache.sink_keys[slot]))
-                values.insert(0, cache.sink_values[slot])
-        k_all = keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)
-        v_all = values[0] if len(values) == 1 else torch.cat(values, dim=1)
-        mask = plan.mask
-        if mask is not None and k_all.shape[1] != mask.shape[-1]:
-            extra = k_all.shape[1] - mask.shape[-1]
-            mask = torch.cat([mask.new_ones(mask.shape[0], extra), mask], dim=-1)
-        out = attend(q, k_all, v_all, mask)
-        if cache is not None:
-            if plan.store_sink:
-                cache.write_sink(slot, k_raw, v)
-            if plan.write_start is not None:
-                cache.write(slot, plan.write_start, k, v)
+        out = cached_attention(rope.apply(a.query(x)), k_raw, v, rope, sink_rope, plan, layer)
         return a.out(out)
 
     def forward(

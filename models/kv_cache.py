@@ -44,6 +44,7 @@ class KVCache:
         tokens_per_frame: int,
         window_frames: int,
         sink_frames: int = 1,
+        sink_tokens: int | None = None,
         frames_per_block: int = 1,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -58,7 +59,10 @@ class KVCache:
                 f"({frames_per_block}) so that a block never wraps around the ring"
             )
         shape = (layers, batch, window_frames * tokens_per_frame, heads, head_dim)
-        sink_shape = (layers, batch, sink_frames * tokens_per_frame, heads, head_dim)
+        # sink_tokens: a sink that is not whole frames of the block's grid (Live Avatar's sink is
+        # the reference frame plus packed motion tokens at coarser grids).
+        n_sink = sink_frames * tokens_per_frame if sink_tokens is None else sink_tokens
+        sink_shape = (layers, batch, n_sink, heads, head_dim)
         return cls(
             keys=torch.zeros(shape, device=device, dtype=dtype),
             values=torch.zeros(shape, device=device, dtype=dtype),
