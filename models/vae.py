@@ -111,7 +111,7 @@ def _import_wan() -> Any:
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
     except ImportError as exc:
         raise ConfigError(
-            "the Wan VAE needs diffusers: install it with `pip install 'diffstream[wan]'`"
+            "the Wan VAE needs diffusers, a dependency of diffstream: reinstall it with `make install`"
         ) from exc
     return AutoencoderKLWan, WanCausalConv3d
 
@@ -154,8 +154,9 @@ class WanStreamingVAE(StreamingVAE):
         self._std = stats[1].view(1, -1, 1, 1, 1)
 
     def to(self, *args: object, **kwargs: object) -> WanStreamingVAE:
-        """Move the wrapped AutoencoderKLWan (device and/or dtype, as nn.Module.to)."""
-        self.vae.to(*args, **kwargs)
+        """Move the wrapped AutoencoderKLWan (device and/or dtype, as nn.Module.to; diffusers'
+        own .to warns about float32-kept modules this model does not have)."""
+        torch.nn.Module.to(self.vae, *args, **kwargs)
         return self
 
     @property
@@ -186,6 +187,40 @@ class WanStreamingVAE(StreamingVAE):
         cache: list[Any] = [None] * self._encoder_convs
         moments = self.vae.quant_conv(self.vae.encoder(x, feat_cache=cache, feat_idx=[0]))
         mean = moments[:, : self.latent_channels].float()
+        return (mean - self._mean.to(mean.device)) / self._std.to(mean.device)
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Video [1, 3, T, H, W] in [-1, 1], T = 1 + k * temporal_factor -> normalised posterior
+        mean [1, C, 1 + k, h, w].
+
+        Wan's encoder is causal: the first frame is encoded alone and every later latent frame
+        from the next `temporal_factor` frames, carrying the convolutions' cache between chunks.
+        The cache is private to the call, so one loaded VAE serves many sessions. Live Avatar
+        encodes its reference image repeated 5 and 73 times this way.
+        """
+        if (
+            not isinstance(video, torch.Tensor)
+            or video.ndim != 5
+            or tuple(video.shape[:2]) != (1, 3)
+        ):
+            shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ConfigError(f"expected a video tensor [1, 3, T, H, W], got {shape}")
+        t, f = video.shape[2], self._temporal
+        if t < 1 or (t - 1) % f:
+            raise ConfigError(
+                f"a video of {t} frames does not encode whole: the VAE takes 1 + k*{f} frames "
+                f"(1, {1 + f}, {1 + 2 * f}, ...)"
+            )
+        self._check_image(video[:, :, 0])
+        p = self._param()
+        x = video.to(device=p.device, dtype=p.dtype)
+        cache: list[Any] = [None] * self._encoder_convs
+        chunks = [x[:, :, :1]] + [x[:, :, s : s + f] for s in range(1, t, f)]
+        out = torch.cat(
+            [self.vae.encoder(c, feat_cache=cache, feat_idx=[0]) for c in chunks], dim=2
+        )
+        mean = self.vae.quant_conv(out)[:, : self.latent_channels].float()
         return (mean - self._mean.to(mean.device)) / self._std.to(mean.device)
 
     @torch.no_grad()
