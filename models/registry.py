@@ -6,6 +6,8 @@ Names:
   tiny           a small randomly initialised config (seeded, so the same on every machine)
   wan-1.3b       Wan 2.1 1.3B architecture with random weights and Wan's VAE (benchmarks)
   wan-14b        Wan 14B (dim 5120, 40 layers) architecture with random weights (benchmarks)
+  liveavatar:DIR Live Avatar: the Wan2.2-S2V-14B folder as released (models/liveavatar.py),
+                 with its LoRA folder given as the `lora` load option (--lora)
 Paths:
   a folder with model.json                this project's format (see ModelBundle.save)
   a folder with transformer/config.json   diffusers' Wan layout (transformer/, vae/), weights
@@ -44,6 +46,7 @@ class StreamDefaults:
     window_frames: int = 6
     sink_distance: int = 3
     context_timestep: float = 0.0
+    pipeline: dict[str, Any] = field(default_factory=dict)  # other PipelineConfig fields
 
 
 @dataclass
@@ -58,11 +61,15 @@ class ModelBundle:
     vae_config: dict[str, Any] = field(default_factory=dict)
     trained: bool = False
     notice: str = ""
+    text_encoder: Any | None = None  # models.text_encoder.PromptEncoder: per-session prompts
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelBundle:
-        self.dit.to(device=device, dtype=dtype)
+        if self.dit is not None:
+            self.dit.to(device=device, dtype=dtype)
         if isinstance(self.vae, torch.nn.Module) or hasattr(self.vae, "to"):
             self.vae.to(device=device, dtype=dtype)
+        if self.audio_encoder is not None and hasattr(self.audio_encoder, "to"):
+            self.audio_encoder.to(device=device, dtype=dtype)
         return self
 
     def save(self, path: str | Path) -> None:
@@ -310,6 +317,18 @@ def load_diffusers_wan(path: Path) -> ModelBundle:
 
 
 NAMES = ("default", "tiny", "wan-1.3b", "wan-14b")
+LIVEAVATAR_PREFIX = "liveavatar:"
+# Options of load_model (and of --model on the command line) beyond the model's name.
+LOAD_OPTIONS = ("lora", "lora_mode", "lora_alpha", "text_encoder", "audio_context_frames")
+
+
+def model_exists(name_or_path: str) -> bool:
+    """Without loading anything: is this a known name or an existing folder?"""
+    if name_or_path in NAMES:
+        return True
+    if name_or_path.startswith(LIVEAVATAR_PREFIX):
+        name_or_path = name_or_path[len(LIVEAVATAR_PREFIX) :]
+    return Path(name_or_path).expanduser().exists()
 
 
 def model_notice(name_or_path: str) -> str:
@@ -326,8 +345,43 @@ def model_notice(name_or_path: str) -> str:
     return ""
 
 
-def load_model(name_or_path: str = "default") -> ModelBundle:
-    """Resolve a model name or a folder to a ModelBundle on the CPU (move it with `.to`)."""
+def _is_s2v_folder(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "s2v"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_model(
+    name_or_path: str = "default",
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    parts: tuple[str, ...] | None = None,
+    layers: range | None = None,
+    **options: Any,
+) -> ModelBundle:
+    """Resolve a model name or a folder to a ModelBundle. Small models load on the CPU (move
+    them with `.to`); Live Avatar loads straight onto `device` in `dtype`, only the `parts` a
+    pipeline rank needs (transformer, vae, audio, text) and, with `layers`, only those blocks."""
+    unknown = set(options) - set(LOAD_OPTIONS)
+    if unknown:
+        raise ConfigError(f"unknown model option(s): {', '.join(sorted(unknown))}")
+    if name_or_path.startswith(LIVEAVATAR_PREFIX):
+        from models.liveavatar import PARTS, load_liveavatar
+
+        return load_liveavatar(
+            name_or_path[len(LIVEAVATAR_PREFIX) :],
+            device=device,
+            dtype=dtype,
+            parts=parts or PARTS,
+            layers=layers,
+            **{k: v for k, v in options.items() if v is not None},
+        )
+    if options.get("lora") is not None:
+        raise ConfigError(
+            f"--lora applies to Live Avatar (--model liveavatar:DIR), not to {name_or_path!r}"
+        )
     if name_or_path == "default":
         if (DEFAULT_DIR / "model.json").is_file():
             bundle = load_bundle_dir(DEFAULT_DIR)
@@ -351,6 +405,15 @@ def load_model(name_or_path: str = "default") -> ModelBundle:
         return load_bundle_dir(path)
     if (path / "transformer" / "config.json").is_file():
         return load_diffusers_wan(path)
+    if _is_s2v_folder(path):
+        return load_model(
+            LIVEAVATAR_PREFIX + str(path),
+            device=device,
+            dtype=dtype,
+            parts=parts,
+            layers=layers,
+            **options,
+        )
     raise ModelNotFoundError(
         f"{path} holds neither model.json (diffstream format) nor transformer/config.json "
         "(diffusers Wan layout)"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,7 +31,7 @@ from models.dit import AttentionPlan, CausalWanTransformer, PreparedContext, Rot
 from models.errors import ConfigError, InvalidAudioError
 from models.kv_cache import KVCache
 from pipelines.messages import BlockTimings
-from pipelines.noise import BlockNoise
+from pipelines.noise import BlockNoise, ClipNoise
 from pipelines.schedule import FlowMatchSchedule
 
 CacheMode = Literal["reencode", "timestep_forcing"]
@@ -47,8 +48,16 @@ class PipelineConfig:
     context_timestep: float = 0.0  # timestep of the clean re-encode and sink passes
     sink: bool = True
     sink_distance: int = 3  # latent frames between the current block's start and the sink
+    # Live Avatar draws the distance uniformly in [sink_distance, sink_distance_max] at every
+    # forward (here from the session seed, the block and the step, so every executor agrees)
+    # and never puts the sink before sink_min_position.
+    sink_distance_max: int | None = None
+    sink_min_position: int = 0
     sink_refresh: bool = False  # replace the sink by the first generated latent frame
+    sink_refresh_block: int = 1  # the first block that attends to the refreshed sink
     coordinated_noise: bool = False
+    noise_clip_blocks: int = 0  # >0: Live Avatar's per-clip noise (ClipNoise) of this many blocks
+    schedule_spacing: str = "shifted"  # or "diffusers" (FlowMatchEulerDiscreteScheduler's)
 
     def validate(self) -> PipelineConfig:
         if self.frames_per_block < 1:
@@ -62,7 +71,16 @@ class PipelineConfig:
             raise ConfigError(
                 f"unknown cache mode {self.cache_mode!r}; choose one of {', '.join(CACHE_MODES)}"
             )
-        FlowMatchSchedule(self.steps, self.shift)  # validates steps and shift
+        if self.sink_distance_max is not None and self.sink_distance_max < self.sink_distance:
+            raise ConfigError(
+                f"sink_distance_max ({self.sink_distance_max}) is below sink_distance "
+                f"({self.sink_distance})"
+            )
+        if self.sink_refresh_block < 1:
+            raise ConfigError(
+                f"sink_refresh_block must be at least 1, got {self.sink_refresh_block}"
+            )
+        FlowMatchSchedule(self.steps, self.shift, spacing=self.schedule_spacing)  # validates
         return self
 
 
@@ -86,15 +104,17 @@ class SessionState:
     session_id: str
     caches: list[KVCache]  # 1 (reencode) or one per step (timestep forcing)
     context: PreparedContext
-    noise: BlockNoise
-    reference_latent: torch.Tensor  # [1, C, 1, h, w]
+    noise: BlockNoise | ClipNoise
+    reference_latent: Any  # [1, C, 1, h, w], or the model's own sink source (S2VReference)
     vae_state: Any
     audio_state: Any
     steps: int
     sink_refresh: bool
     cache_mode: CacheMode
+    seed: int = 0
     block_index: int = 0
     next_frame: int = 0  # absolute latent-frame index of the next block's first frame
+    pending_sink: torch.Tensor | None = None  # block 0's first clean frame, until refresh time
 
     def cache_bytes(self) -> int:
         seen: set[int] = set()
@@ -167,6 +187,8 @@ class StreamingGenerator:
             )
         self._context_tokens = context
         self._prepared_context: PreparedContext | None = None
+        self._prompt_contexts: OrderedDict[str, PreparedContext] = OrderedDict()
+        self.prompt_encoder: Any | None = None  # PromptEncoder: sessions may bring a prompt
         self._schedules: dict[int, FlowMatchSchedule] = {}
 
     @classmethod
@@ -197,9 +219,10 @@ class StreamingGenerator:
             sink_distance=d.sink_distance,
             context_timestep=d.context_timestep,
         )
+        base.update(getattr(d, "pipeline", None) or {})  # model-specific pipeline settings
         base.update({k: v for k, v in overrides.items() if k in fields and v is not None})
         bundle.to(device, dtype)
-        return cls(
+        gen = cls(
             bundle.dit,
             bundle.vae,
             config=PipelineConfig(**base),
@@ -213,12 +236,16 @@ class StreamingGenerator:
             dtype=dtype,
             profile=profile,
         )
+        gen.prompt_encoder = getattr(bundle, "text_encoder", None)
+        return gen
 
     # ---- sessions ------------------------------------------------------------------------
     def schedule(self, steps: int | None = None) -> FlowMatchSchedule:
         steps = steps or self.config.steps
         if steps not in self._schedules:
-            self._schedules[steps] = FlowMatchSchedule(steps, self.config.shift)
+            self._schedules[steps] = FlowMatchSchedule(
+                steps, self.config.shift, spacing=self.config.schedule_spacing
+            )
         return self._schedules[steps]
 
     def block_video_frames(self, block_index: int) -> int:
@@ -243,6 +270,37 @@ class StreamingGenerator:
                 self._prepared_context = self.model.prepare_context(ctx)
         return self._prepared_context
 
+    PROMPT_CACHE = 8  # prepared prompts kept per generator (each is every layer's K/V)
+
+    def prompt_tokens(self, prompt: str) -> torch.Tensor:
+        """A prompt's embeddings [1, L, text_dim] from the model's prompt encoder."""
+        if self.prompt_encoder is None:
+            raise ConfigError(
+                "this model takes no text prompt (it has no text encoder); leave the prompt out"
+            )
+        return self.prompt_encoder.encode(prompt)
+
+    def context_for(
+        self, prompt: str | None = None, tokens: torch.Tensor | None = None
+    ) -> PreparedContext:
+        """Cross-attention keys/values of a session's prompt: the model's default context when
+        no prompt is given, else computed once per distinct prompt (`tokens` when another rank
+        already encoded it) and kept in a small LRU."""
+        if prompt is None:
+            return self._context()
+        cached = self._prompt_contexts.get(prompt)
+        if cached is not None:
+            self._prompt_contexts.move_to_end(prompt)
+            return cached
+        if tokens is None:
+            tokens = self.prompt_tokens(prompt)
+        with torch.inference_mode():
+            prepared = self.model.prepare_context(tokens.to(self.device, self.dtype))
+        self._prompt_contexts[prompt] = prepared
+        while len(self._prompt_contexts) > self.PROMPT_CACHE:
+            self._prompt_contexts.popitem(last=False)
+        return prepared
+
     def new_session(
         self,
         reference: np.ndarray,
@@ -253,6 +311,8 @@ class StreamingGenerator:
         sink_refresh: bool | None = None,
         cache_mode: CacheMode | None = None,
         cache_steps: Collection[int] | None = None,
+        prompt: str | None = None,
+        prompt_tokens: torch.Tensor | None = None,
     ) -> SessionState:
         """Encode the reference image into the sink and allocate the session's caches.
 
@@ -275,6 +335,8 @@ class StreamingGenerator:
         def window(step: int) -> int:
             return cfg.window_frames if step in owned else 0
 
+        context = self.context_for(prompt, prompt_tokens)  # first: a bad prompt fails early
+        sink_tokens = getattr(self.model, "sink_tokens", None)
         first = KVCache.allocate(
             layers=mc.num_layers,
             batch=1,
@@ -283,6 +345,7 @@ class StreamingGenerator:
             tokens_per_frame=self.tokens_per_frame,
             window_frames=window(0),
             sink_frames=1,
+            sink_tokens=sink_tokens(self.latent_h, self.latent_w) if sink_tokens else None,
             frames_per_block=cfg.frames_per_block,
             device=self.device,
             dtype=self.dtype,
@@ -302,47 +365,93 @@ class StreamingGenerator:
                     window_frames=window(step),
                 )
             )
-        with torch.inference_mode():
-            image = torch.from_numpy(np.ascontiguousarray(reference)).to(self.device)
-            image = image.permute(2, 0, 1)[None].to(self.dtype) / 127.5 - 1.0
-            ref_latent = self.vae.encode_image(image).to(self.dtype)
+        source = self.encode_reference(reference)
         state = SessionState(
             session_id=session_id,
             caches=caches,
-            context=self._context(),
-            noise=BlockNoise(
-                (1, mc.in_channels, cfg.frames_per_block, self.latent_h, self.latent_w),
-                seed,
-                cfg.coordinated_noise,
-            ),
-            reference_latent=ref_latent,
-            vae_state=self.vae.new_state(),
+            context=context,
+            noise=self._noise(seed),
+            reference_latent=source,
+            vae_state=self.new_decode_state(source),
             audio_state=self.audio_encoder.new_state() if self.audio_encoder is not None else None,
             steps=steps,
             sink_refresh=cfg.sink_refresh if sink_refresh is None else sink_refresh,
             cache_mode=mode,
+            seed=int(seed),
         )
         if cfg.sink:
-            self._store_sink(state, ref_latent)
+            self._store_sink(state, source)
         return state
 
-    def _store_sink(self, state: SessionState, latent: torch.Tensor) -> None:
-        """Run one frame at the context timestep and keep its unrotated keys/values."""
-        cache = state.caches[0]
-        t = torch.full((1,), self.config.context_timestep, device=self.device)
+    def encode_reference(self, reference: np.ndarray) -> Any:
+        """The reference image (uint8 [H, W, 3]) -> what the sink is made of: one latent frame,
+        or the model's own source (Live Avatar's VAE also encodes motion latents)."""
         with torch.inference_mode():
-            self.model(
-                latent,
-                t,
-                state.context,
-                frame_positions=torch.zeros(1, dtype=torch.long, device=self.device),
-                plan=AttentionPlan(cache=cache, store_sink=True),
-            )
+            image = torch.from_numpy(np.ascontiguousarray(reference)).to(self.device)
+            image = image.permute(2, 0, 1)[None].to(self.dtype) / 127.5 - 1.0
+            if hasattr(self.vae, "encode_reference"):
+                return self.vae.encode_reference(image).to(self.device, self.dtype)
+            return self.vae.encode_image(image).to(self.dtype)
+
+    def new_decode_state(self, source: Any) -> Any:
+        """A session's decode cache; Live Avatar's VAE primes it from the reference."""
+        if hasattr(self.vae, "encode_reference"):
+            with torch.inference_mode():
+                return self.vae.new_state(source)
+        return self.vae.new_state()
+
+    def _noise(self, seed: int) -> BlockNoise | ClipNoise:
+        cfg = self.config
+        shape = (
+            1,
+            self.model.config.in_channels,
+            cfg.frames_per_block,
+            self.latent_h,
+            self.latent_w,
+        )
+        if cfg.noise_clip_blocks > 0:
+            return ClipNoise(shape, seed, cfg.noise_clip_blocks, self.device, self.dtype)
+        return BlockNoise(shape, seed, cfg.coordinated_noise)
+
+    def _store_sink(self, state: SessionState, source: Any) -> None:
+        """Run the sink's tokens once (at the context timestep) and keep their unrotated
+        keys/values; a model with its own sink pass (Live Avatar) runs that instead."""
+        cache = state.caches[0]
+        plan = AttentionPlan(cache=cache, store_sink=True)
+        with torch.inference_mode():
+            if hasattr(self.model, "sink_forward"):
+                self.model.sink_forward(source, state.context, plan)
+            else:
+                t = torch.full((1,), self.config.context_timestep, device=self.device)
+                self.model(
+                    source,
+                    t,
+                    state.context,
+                    frame_positions=torch.zeros(1, dtype=torch.long, device=self.device),
+                    plan=plan,
+                )
         for c in state.caches:
             c.has_sink = True
 
-    def sink_position(self, start_frame: int) -> int | None:
-        return start_frame + self.config.sink_distance if self.config.sink else None
+    def sink_position(self, start_frame: int, state: SessionState | None = None, step: int = 0):
+        """Temporal position of the sink for one forward of the block starting at start_frame."""
+        cfg = self.config
+        if not cfg.sink:
+            return None
+        distance = cfg.sink_distance
+        if cfg.sink_distance_max is not None and cfg.sink_distance_max > cfg.sink_distance:
+            seed = state.seed if state is not None else 0
+            rng = np.random.default_rng([seed, start_frame, step])
+            distance = int(rng.integers(cfg.sink_distance, cfg.sink_distance_max + 1))
+        return max(cfg.sink_min_position, start_frame + distance)
+
+    def refresh_sink(self, state: SessionState) -> None:
+        """Replace the sink by block 0's first clean frame (kept in state.pending_sink)."""
+        frame, state.pending_sink = state.pending_sink, None
+        source = state.reference_latent
+        source = source.with_reference(frame) if hasattr(source, "with_reference") else frame
+        state.reference_latent = source
+        self._store_sink(state, source)
 
     # ---- one block -----------------------------------------------------------------------
     def audio_features(
@@ -393,7 +502,7 @@ class StreamingGenerator:
         plan = AttentionPlan(
             cache=cache,
             read_history=True,
-            sink_position=self.sink_position(inputs.start_frame),
+            sink_position=self.sink_position(inputs.start_frame, state, step),
             write_start=inputs.start_frame if tf else None,
         )
         t = torch.full((1,), sched.timesteps[step], device=self.device)
@@ -412,9 +521,16 @@ class StreamingGenerator:
             cache.advance(self.config.frames_per_block)
         return out
 
-    def finish_block(self, state: SessionState, inputs: BlockInputs, clean: torch.Tensor) -> None:
-        """Write the clean block into the cache (re-encode mode), refresh the sink, advance."""
-        if state.cache_mode == "reencode":
+    def finish_block(
+        self, state: SessionState, inputs: BlockInputs, clean: torch.Tensor | None
+    ) -> None:
+        """Write the clean block into the cache (re-encode mode), keep block 0's first frame for
+        the sink refresh, advance, and refresh the sink once the refresh block is next. `clean`
+        is None on a TPP rank that never sees the clean latent (timestep forcing only)."""
+        if clean is None:
+            if state.cache_mode == "reencode":
+                raise ConfigError("re-encode mode needs the clean block to finish it")
+        elif state.cache_mode == "reencode":
             cache = state.caches[0]
             t = torch.full((1,), self.config.context_timestep, device=self.device)
             with torch.inference_mode():
@@ -427,16 +543,23 @@ class StreamingGenerator:
                     plan=AttentionPlan(
                         cache=cache,
                         read_history=True,
-                        sink_position=self.sink_position(inputs.start_frame),
+                        sink_position=self.sink_position(inputs.start_frame, state),
                         write_start=inputs.start_frame,
                     ),
                     rope=inputs.rope,
                 )
             cache.advance(self.config.frames_per_block)
-        if state.sink_refresh and inputs.block_index == 0 and self.config.sink:
-            self._store_sink(state, clean[:, :, :1])
+        if (
+            state.sink_refresh
+            and inputs.block_index == 0
+            and self.config.sink
+            and clean is not None
+        ):
+            state.pending_sink = clean[:, :, :1]
         state.block_index += 1
         state.next_frame += self.config.frames_per_block
+        if state.pending_sink is not None and state.block_index >= self.config.sink_refresh_block:
+            self.refresh_sink(state)
 
     def decode(self, state: SessionState, clean: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():

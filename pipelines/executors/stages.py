@@ -46,12 +46,10 @@ PIPELINE_OPTIONS = tuple(f.name for f in dataclasses.fields(PipelineConfig)) + (
 
 def check_model(model: str) -> None:
     """A model that cannot exist fails here, once, instead of in every worker."""
-    from pathlib import Path
-
     from models.errors import ModelNotFoundError
-    from models.registry import NAMES
+    from models.registry import NAMES, model_exists
 
-    if model not in NAMES and not Path(model).expanduser().exists():
+    if not model_exists(model):
         raise ModelNotFoundError(
             f"model {model!r} is neither a known name ({', '.join(NAMES)}) nor an existing folder"
         )
@@ -205,6 +203,19 @@ def guarded(rank: int, msg: Message, handler: Any, drop: Any, send: Any) -> None
         )
 
 
+def new_decode_state(vae: Any, reference: np.ndarray | None, ctx: WorkerContext) -> Any:
+    """A session's decode cache on the decode rank; a VAE that primes its cache from the
+    reference image (Live Avatar's) encodes it here, where the VAE is."""
+    if not getattr(vae, "needs_reference", False):
+        return vae.new_state()
+    if reference is None:
+        raise ConfigError("this model's decoder needs the reference image to open a session")
+    with torch.inference_mode():
+        image = torch.from_numpy(np.ascontiguousarray(reference)).to(ctx.device)
+        image = image.permute(2, 0, 1)[None].to(ctx.dtype) / 127.5 - 1.0
+        return vae.new_state(vae.encode_reference(image))
+
+
 def run_decoder(ctx: WorkerContext, vae: Any) -> int:
     """The last worker: streaming VAE decode of clean latents, frames back to the driver."""
     import time
@@ -246,7 +257,7 @@ def run_decoder(ctx: WorkerContext, vae: Any) -> int:
             to_driver.send(Message("result", reply))
             ctx.record("decode", sid, m["block_index"], start)
         elif kind == "open":
-            states[m["session_id"]] = vae.new_state()
+            states[m["session_id"]] = new_decode_state(vae, m.get("reference"), ctx)
             to_driver.send(Message("opened", {"session_id": m["session_id"]}))
         elif kind == "error":
             if m.get("drop"):

@@ -18,8 +18,9 @@ between the blocks it belongs between.
 
 Sink refresh (replace the sink by block 0's first clean frame) is the one backward dependency:
 the rank that finishes the last step sends that frame back to the earlier ranks, and each of
-them waits for it before it starts block 1 of that session, exactly as the single-process
-engine refreshes before block 1. Other sessions' blocks are not held up by more than that wait.
+them waits for it before it starts the session's refresh block (block 1, or Live Avatar's first
+block of its second clip), exactly where the single-process engine refreshes. Other sessions'
+blocks are not held up by more than that wait, and with a later refresh block, not at all.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def run_worker(ctx: WorkerContext, state: Any) -> int:
 class _Session:
     state: SessionState  # on a rank that owns no step: positions, noise and audio state only
     own: range
-    deferred: BlockInputs | None = None  # block 0 waiting for its clean frame (sink refresh)
+    awaiting_refresh: bool = False  # the sink refresh frame has not come back from the last rank
 
 
 class StepRank:
@@ -209,8 +210,9 @@ class StepRank:
             self.out.send(error_message(sid, None, exc, drop=True, what="open"))
             return
         self.sessions[sid] = _Session(state, own)
-        if self.rank == self.ranks - 1:
-            m = {k: v for k, v in m.items() if k != "reference"}  # the decode rank needs no image
+        # The decode rank needs no image, unless its VAE primes a session from it (Live Avatar).
+        if self.rank == self.ranks - 1 and not getattr(self.gen.vae, "needs_reference", False):
+            m = {k: v for k, v in m.items() if k != "reference"}
         self.out.send(Message("open", m))
 
     # ---- one block -------------------------------------------------------------------------------
@@ -225,7 +227,7 @@ class StepRank:
         gen = self.gen
         timings = dict(m.get("timings", {}))
         try:
-            if sess.deferred is not None:
+            if sess.awaiting_refresh and index >= gen.config.sink_refresh_block:
                 self._apply_refresh(sid, sess)
             state = sess.state
             expected = state.block_index
@@ -287,7 +289,7 @@ class StepRank:
             state.block_index += 1
             state.next_frame += gen.config.frames_per_block
         elif not refresh:
-            gen.finish_block(state, inputs, latent)  # timestep forcing: only advances positions
+            gen.finish_block(state, inputs, None)  # timestep forcing: only advances positions
         elif last_step:
             gen.finish_block(state, inputs, latent)  # latent is clean: refreshes the sink here
             frame = latent[:, :, :1].contiguous()
@@ -297,7 +299,8 @@ class StepRank:
                         Message("refresh", {"session_id": sid}, {"frame": frame}), wait=False
                     )
         else:
-            sess.deferred = inputs  # finished when the clean frame comes back
+            gen.finish_block(state, inputs, None)
+            sess.awaiting_refresh = True  # the clean frame comes back before the refresh block
 
     def _apply_refresh(self, sid: str, sess: _Session) -> None:
         """Wait for block 0's clean first frame (sent back by the last step's rank)."""
@@ -308,10 +311,9 @@ class StepRank:
         while sid not in self._refreshes:
             got = self._refresh_in.recv()
             self._refreshes[got.meta["session_id"]] = got.tensors["frame"]
-        frame = self._refreshes.pop(sid)
-        inputs, sess.deferred = sess.deferred, None
-        # finish_block reads only the first latent frame of a refresh block.
-        self.gen.finish_block(sess.state, inputs, frame)
+        sess.awaiting_refresh = False
+        sess.state.pending_sink = self._refreshes.pop(sid)
+        self.gen.refresh_sink(sess.state)
         # Refreshes of sessions closed meanwhile are dropped here, so none piles up.
         for other in [k for k in self._refreshes if k not in self.sessions]:
             self._refreshes.pop(other)
