@@ -389,19 +389,33 @@ class CausalWanTransformer(nn.Module):
         return gh * gw
 
     # ---- conditions, computed once per session --------------------------------------------
-    def prepare_context(self, context: torch.Tensor) -> PreparedContext:
-        """Project condition tokens [B, L, text_dim] to per-layer cross-attention K/V."""
+    def prepare_context(
+        self, context: torch.Tensor, layers: range | None = None
+    ) -> PreparedContext:
+        """Project condition tokens [B, L, text_dim] to per-layer cross-attention K/V (for
+        `layers` only, None elsewhere: a DualParal rank holds only its own)."""
         ctx = self.condition_embedder.text_embedder(context.to(self.proj_out.weight.dtype))
-        return PreparedContext(kv=[blk.attn2.key_value(ctx) for blk in self.blocks])
+        layers = range(len(self.blocks)) if layers is None else layers
+        return PreparedContext(
+            kv=[
+                blk.attn2.key_value(ctx) if i in layers else None
+                for i, blk in enumerate(self.blocks)
+            ]
+        )
 
-    def prepare_audio(self, audio: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    def prepare_audio(
+        self, audio: torch.Tensor, layers: range | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Audio tokens [B, F, A, audio_dim] → per-layer K/V of shape [B*F, A, H, Dh]."""
         if self.audio_embedder is None:
             return [None] * len(self.blocks)
+        layers = range(len(self.blocks)) if layers is None else layers
         tokens = self.audio_embedder(audio.to(self.proj_out.weight.dtype)).flatten(0, 1)
         return [
-            blk.audio_attn.key_value(tokens) if blk.audio_attn is not None else None
-            for blk in self.blocks
+            blk.audio_attn.key_value(tokens)
+            if i in layers and getattr(blk, "audio_attn", None) is not None
+            else None
+            for i, blk in enumerate(self.blocks)
         ]
 
     def rotary(self, frame_positions: torch.Tensor, height: int, width: int) -> RotaryEmbedding:

@@ -66,6 +66,32 @@ def pipeline_settings() -> dict[str, Any]:
     }
 
 
+def frames_for(temporal_factor: int, latent_frames: int, first: bool) -> int:
+    """Video frames a block shows: 4 per latent frame, block 0 less the 3 upstream drops."""
+    if latent_frames < 1:
+        raise ConfigError(f"a block needs at least one latent frame, got {latent_frames}")
+    n = temporal_factor * latent_frames
+    return n - DROP_FIRST_FRAMES if first else n
+
+
+class VAEGeometry:
+    """What a pipeline rank without the VAE needs to know of it: sizes and frame counts. The
+    reference is encoded (and frames decoded) on the rank that holds the VAE."""
+
+    needs_reference = True
+
+    def __init__(self, latent_channels: int = 16, spatial: int = 8, temporal: int = 4) -> None:
+        self.latent_channels = latent_channels
+        self.spatial_factor = spatial
+        self.temporal_factor = temporal
+
+    def to(self, *args: Any, **kwargs: Any) -> VAEGeometry:
+        return self
+
+    def frames_for(self, latent_frames: int, first: bool) -> int:
+        return frames_for(self.temporal_factor, latent_frames, first)
+
+
 @dataclass
 class LiveAvatarDecodeState:
     inner: Any
@@ -110,10 +136,7 @@ class LiveAvatarVAE(StreamingVAE):
         return self.inner.vae.state_dict()
 
     def frames_for(self, latent_frames: int, first: bool) -> int:
-        if latent_frames < 1:
-            raise ConfigError(f"a block needs at least one latent frame, got {latent_frames}")
-        n = self.temporal_factor * latent_frames
-        return n - DROP_FIRST_FRAMES if first else n
+        return frames_for(self.temporal_factor, latent_frames, first)
 
     def encode_reference(self, image: torch.Tensor) -> S2VReference:
         """Reference image [1, 3, H, W] in [-1, 1] -> the sink's reference and motion latents."""
@@ -230,7 +253,7 @@ def load_liveavatar(
     dit = None
     if "transformer" in parts:
         dit = _load_transformer(folder, cfg, lora, lora_mode, lora_alpha, device, dtype, layers)
-    vae = None
+    vae: Any = VAEGeometry()
     if "vae" in parts:
         from models.wan_vae_checkpoint import load_wan21_vae
 

@@ -105,11 +105,15 @@ class LoraWeights:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def validate(self, model: nn.Module) -> None:
+    def validate(self, model: nn.Module, key_filter: KeyFilter | None = None) -> None:
         """Every LoRA pair sits on a Linear of `model` with matching sizes, every replacement on
-        a tensor of the same shape; the first violation (in key order) raises ConfigError."""
+        a tensor of the same shape; the first violation (in key order) raises ConfigError.
+        With `key_filter` (a rank loading part of the model) only the pairs and replacements
+        of the weights it loads are checked."""
         modules = dict(model.named_modules())
         for name in sorted(self.pairs, key=self.pair_keys.__getitem__):
+            if key_filter is not None and not key_filter(f"{name}.weight"):
+                continue
             key, mod = self.pair_keys[name], modules.get(name)
             if not isinstance(mod, nn.Linear):
                 what = "has no such module" if mod is None else f"has a {type(mod).__name__}"
@@ -123,6 +127,8 @@ class LoraWeights:
         state = dict(model.named_parameters())
         state.update(model.named_buffers())
         for key in sorted(self.replacements):
+            if key_filter is not None and not key_filter(key):
+                continue
             if key not in state:
                 raise ConfigError(f"{self.path}: {key}: the base model has no such tensor")
             if self.replacements[key].shape != state[key].shape:
@@ -312,7 +318,7 @@ def load_with_lora(
     if mode not in ("merged", "unmerged"):
         raise ConfigError(f"LoRA mode must be 'merged' or 'unmerged', got {mode!r}")
     lora = read_lora(lora_folder, alpha=alpha, targets=targets)
-    lora.validate(model)
+    lora.validate(model, key_filter)
     transform = lora.merge_tensor if mode == "merged" else lora.replace_tensor
     load_sharded_safetensors(
         model, base_folder, dtype=dtype, device=device, key_filter=key_filter, transform=transform

@@ -345,6 +345,20 @@ def model_notice(name_or_path: str) -> str:
     return ""
 
 
+def model_num_layers(name_or_path: str) -> int:
+    """Transformer layers of a model, without loading a big one (DualParal splits by it)."""
+    path = (
+        name_or_path[len(LIVEAVATAR_PREFIX) :]
+        if name_or_path.startswith(LIVEAVATAR_PREFIX)
+        else name_or_path
+    )
+    if name_or_path.startswith(LIVEAVATAR_PREFIX) or _is_s2v_folder(Path(path).expanduser()):
+        from models.liveavatar import read_config
+
+        return read_config(Path(path).expanduser()).num_layers
+    return load_model(name_or_path).dit.config.num_layers
+
+
 def _is_s2v_folder(path: Path) -> bool:
     try:
         return json.loads((path / "config.json").read_text()).get("model_type") == "s2v"

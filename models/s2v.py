@@ -183,6 +183,18 @@ class S2VReference:
         """Live Avatar's sink update: a generated frame replaces the reference, motion stays."""
         return S2VReference(reference=frame[:, :, :1], motion=self.motion)
 
+    def to_message(self) -> dict[str, torch.Tensor]:
+        """The part a denoise rank needs (the frame packer reads only the newest motion
+        latents), as tensors for a pipeline message."""
+        return {
+            "reference": self.reference.contiguous(),
+            "motion": self.motion[:, :, -sum(MOTION_BUCKETS) :].contiguous(),
+        }
+
+    @classmethod
+    def from_message(cls, tensors: dict[str, torch.Tensor]) -> S2VReference:
+        return cls(reference=tensors["reference"], motion=tensors["motion"])
+
     def to(self, device: torch.device | str, dtype: torch.dtype) -> S2VReference:
         return S2VReference(
             self.reference.to(device=device, dtype=dtype),
@@ -527,12 +539,14 @@ class LiveAvatarTransformer(nn.Module):
 
     # ---- shapes ----------------------------------------------------------------------------------
     def grid(self, height: int, width: int) -> tuple[int, int]:
-        """Latent (h, w) -> patch grid; the 4x-packed motion tokens need h and w divisible by 8."""
+        """Latent (h, w) -> patch grid. Like upstream, the packed motion tokens' coarser grids
+        floor odd sizes (720x400 pixels: 45x25 patches, 22x12 and 11x6 motion tokens)."""
         _, ph, pw = self.config.patch_size
-        if height % (4 * ph) or width % (4 * pw):
+        if height % ph or width % pw or height < 4 * ph or width < 4 * pw:
             raise ConfigError(
-                f"latent size {height}x{width} must be divisible by {4 * ph}x{4 * pw} (the "
-                "motion frame packer's coarsest grid): pick a resolution divisible by 64 pixels"
+                f"latent size {height}x{width} must be a multiple of the patch size {ph}x{pw} "
+                f"and at least {4 * ph}x{4 * pw}: pick a resolution divisible by "
+                f"{8 * ph} pixels, at least {32 * ph}"
             )
         return height // ph, width // pw
 
@@ -645,6 +659,10 @@ class LiveAvatarTransformer(nn.Module):
         temb = self.time_embedding(sinusoid(t, self.config.freq_dim).to(w)).float()
         mod = self.time_projection(temb.to(w)).float()
         return temb, mod.unflatten(1, (6, -1))
+
+    @staticmethod
+    def source_from_message(tensors: dict[str, torch.Tensor]) -> S2VReference:
+        return S2VReference.from_message(tensors)
 
     # ---- the sink -----------------------------------------------------------------------------------
     def sink_forward(

@@ -174,8 +174,6 @@ class StreamingGenerator:
                 f"the transformer takes {model.config.in_channels} latent channels but the "
                 f"autoencoder makes {vae.latent_channels}"
             )
-        if model.config.audio_layers and audio_encoder is None:
-            raise ConfigError("the model has audio layers but no audio encoder was given")
         if (
             audio_encoder is not None
             and model.config.audio_layers
@@ -301,9 +299,14 @@ class StreamingGenerator:
             self._prompt_contexts.popitem(last=False)
         return prepared
 
+    @property
+    def can_encode(self) -> bool:
+        """False on a pipeline rank that holds no VAE (it gets the encoded reference instead)."""
+        return hasattr(self.vae, "encode_reference") or hasattr(self.vae, "encode_image")
+
     def new_session(
         self,
-        reference: np.ndarray,
+        reference: np.ndarray | None,
         *,
         session_id: str = "session",
         seed: int = 0,
@@ -313,12 +316,14 @@ class StreamingGenerator:
         cache_steps: Collection[int] | None = None,
         prompt: str | None = None,
         prompt_tokens: torch.Tensor | None = None,
+        source: Any | None = None,
     ) -> SessionState:
         """Encode the reference image into the sink and allocate the session's caches.
 
         cache_steps (timestep forcing): allocate rings only for these steps; the others get a
         zero-length ring (they still share the sink), so a TPP rank that owns one step holds
-        one step's cache, not S of them.
+        one step's cache, not S of them. source: the already encoded reference (a rank without
+        a VAE gets it from the decode rank); with neither, the sink waits for `set_source`.
         """
         cfg = self.config
         steps = steps or cfg.steps
@@ -365,23 +370,36 @@ class StreamingGenerator:
                     window_frames=window(step),
                 )
             )
-        source = self.encode_reference(reference)
+        if source is None and reference is not None and self.can_encode:
+            source = self.encode_reference(reference)
         state = SessionState(
             session_id=session_id,
             caches=caches,
             context=context,
             noise=self._noise(seed),
             reference_latent=source,
-            vae_state=self.new_decode_state(source),
+            vae_state=self.new_decode_state(source) if self.can_encode else None,
             audio_state=self.audio_encoder.new_state() if self.audio_encoder is not None else None,
             steps=steps,
             sink_refresh=cfg.sink_refresh if sink_refresh is None else sink_refresh,
             cache_mode=mode,
             seed=int(seed),
         )
-        if cfg.sink:
+        if cfg.sink and source is not None:
             self._store_sink(state, source)
         return state
+
+    def source_from_message(self, tensors: dict[str, torch.Tensor]) -> Any:
+        """The reference as the decode rank sent it (see Executor 'reference' messages)."""
+        make = getattr(self.model, "source_from_message", None)
+        source = make(tensors) if make is not None else tensors["reference"]
+        return source.to(self.device, self.dtype)
+
+    def set_source(self, state: SessionState, source: Any) -> None:
+        """The encoded reference of a session opened without one: store its sink now."""
+        state.reference_latent = source
+        if self.config.sink:
+            self._store_sink(state, source)
 
     def encode_reference(self, reference: np.ndarray) -> Any:
         """The reference image (uint8 [H, W, 3]) -> what the sink is made of: one latent frame,
@@ -457,8 +475,10 @@ class StreamingGenerator:
     def audio_features(
         self, state: SessionState, audio: np.ndarray, block_index: int
     ) -> list | None:
-        if self.audio_encoder is None or not self.model.config.audio_layers:
+        if not self.model.config.audio_layers:
             return None
+        if self.audio_encoder is None:
+            raise ConfigError("the model has audio layers but no audio encoder was loaded")
         expected = self.block_samples(block_index)
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         if audio.shape[0] != expected:

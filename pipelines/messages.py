@@ -20,7 +20,8 @@ class SessionSpec:
     reference: np.ndarray  # uint8 [H, W, 3], already at the model's resolution
     seed: int = 0
     steps: int | None = None  # None: the pipeline's default
-    sink_refresh: bool = False
+    sink_refresh: bool | None = None  # None: the model's default (Live Avatar refreshes)
+    prompt: str | None = None  # None: the model's default prompt
 
 
 @dataclass(frozen=True)

@@ -276,6 +276,7 @@ def _install_routes(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -
                                 "seed": {"type": "integer"},
                                 "steps": {"type": "integer"},
                                 "sink_refresh": {"type": "boolean"},
+                                "prompt": {"type": "string", "maxLength": 4000},
                                 "width": {"type": "integer"},
                                 "height": {"type": "integer"},
                             },
@@ -314,7 +315,11 @@ def _install_routes(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -
                 load_reference_image, image, info.height, info.width
             )
         session = await mgr.create(
-            reference, seed=options.seed, steps=options.steps, sink_refresh=options.sink_refresh
+            reference,
+            seed=options.seed,
+            steps=options.steps,
+            sink_refresh=options.sink_refresh,
+            prompt=options.prompt,
         )
         base = f"/v1/sessions/{session.id}"
         return SessionCreated(

@@ -165,7 +165,14 @@ class SessionOptions(BaseModel):
 
     seed: int = Field(0, ge=0, le=2**63 - 1)
     steps: int | None = Field(None, ge=1, le=64)
-    sink_refresh: bool = False
+    sink_refresh: bool | None = Field(
+        None, description="replace the sink by the first generated frame (omitted: the model's)"
+    )
+    prompt: str | None = Field(
+        None,
+        max_length=4000,
+        description="text prompt for models that take one (Live Avatar); omitted: the server's",
+    )
     width: int | None = Field(None, description="must match the server's model (or omit it)")
     height: int | None = Field(None, description="must match the server's model (or omit it)")
     image_base64: str | None = Field(

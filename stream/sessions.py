@@ -364,7 +364,8 @@ class SessionManager:
         *,
         seed: int = 0,
         steps: int | None = None,
-        sink_refresh: bool = False,
+        sink_refresh: bool | None = None,
+        prompt: str | None = None,
     ) -> Session:
         """Admit and open a session; raises AdmissionError when full."""
         if self.in_use >= self.settings.max_sessions:
@@ -381,6 +382,7 @@ class SessionManager:
                 seed=seed,
                 steps=steps,
                 sink_refresh=sink_refresh,
+                prompt=prompt if prompt is not None else self.settings.prompt,
             )
             try:
                 await asyncio.to_thread(self.executor.open_session, spec)

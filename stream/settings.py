@@ -41,6 +41,19 @@ class Settings(BaseSettings):
         ge=1,
         description="torch CPU threads (None: all cores but one, leaving one for WebRTC)",
     )
+    lora: Path | None = Field(None, description="LoRA folder merged into the model (Live Avatar)")
+    lora_mode: Literal["merged", "unmerged"] = "merged"
+    prompt: str | None = Field(
+        None, max_length=4000, description="default prompt of every session (models with text)"
+    )
+    text_encoder: Literal["keep", "cpu", "offload", "free"] = Field(
+        "keep",
+        description="where the prompt encoder lives after loading: keep (on the device), cpu, "
+        "offload (moved to the device per new prompt) or free (only the default prompt)",
+    )
+    audio_context_frames: int | None = Field(
+        None, ge=0, le=250, description="video frames of left audio context (wav2vec2 models)"
+    )
     engine_process: bool = Field(
         True,
         description="run the local executor's engine in a worker process of its own, so the "
@@ -161,6 +174,13 @@ class Settings(BaseSettings):
             options["height"] = self.height
         if self.width is not None:
             options["width"] = self.width
+        if self.lora is not None:
+            options["lora"] = str(self.lora)
+            options["lora_mode"] = self.lora_mode
+        if self.text_encoder != "keep":
+            options["text_encoder"] = self.text_encoder
+        if self.audio_context_frames is not None:
+            options["audio_context_frames"] = self.audio_context_frames
         if self.executor == "local":
             options["process"] = self.engine_process
             if self.engine_process:

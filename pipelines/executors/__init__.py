@@ -75,12 +75,16 @@ def build_executor(
         options.pop("threads", None)  # the caller's process sets its own torch threads
         from models.registry import load_model
         from pipelines.executors.local import LocalExecutor
+        from pipelines.executors.stages import MODEL_OPTIONS
         from pipelines.generator import StreamingGenerator
 
         max_queue = int(options.pop("max_queue", 32))
         dev = one_device(devices)
-        bundle = load_model(model)
-        gen = StreamingGenerator.from_bundle(bundle, device=dev, **options)
+        load = {k: options.pop(k) for k in MODEL_OPTIONS if k in options}
+        dtype = options.pop("dtype", None)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        bundle = load_model(model, device=dev, dtype=dtype, **load)
+        gen = StreamingGenerator.from_bundle(bundle, device=dev, dtype=dtype, **options)
         return LocalExecutor(gen, name=bundle.name, max_queue=max_queue)
     if kind == "tpp":
         from pipelines.executors.tpp import TPPExecutor

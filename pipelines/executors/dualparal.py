@@ -30,7 +30,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from models.errors import DiffstreamError
@@ -43,6 +42,7 @@ from pipelines.executors.stages import (
     encode_audio,
     error_message,
     guarded,
+    load_bundle,
     load_decoder,
     load_generator,
     run_decoder,
@@ -59,7 +59,6 @@ from pipelines.executors.staggered import (
 from pipelines.executors.torchrun import parse_external
 from pipelines.executors.wire import Link, LinkError, Message
 from pipelines.generator import StreamingGenerator
-from pipelines.noise import BlockNoise
 
 
 class DualParalExecutor(PipelineExecutor):
@@ -104,13 +103,16 @@ class DualParalExecutor(PipelineExecutor):
 
 
 def load(ctx: WorkerContext) -> Any:
-    """Layer ranks load the model, keep their own layers and move only those to the device."""
+    """Layer ranks load their own layers only (a model too small to split loads whole and
+    drops the rest before it reaches the device); rank 0 also the audio and prompt encoders,
+    the decode rank only the autoencoder."""
     if ctx.last:
         return load_decoder(ctx)
-    from models.registry import load_model
+    from models.registry import model_num_layers
 
-    bundle = load_model(ctx.spec.model)
-    layers = split_layers(bundle.dit.config.num_layers, ctx.workers - 1)[ctx.stage]
+    layers = split_layers(model_num_layers(ctx.spec.model), ctx.workers - 1)[ctx.stage]
+    parts = ("transformer", "audio", "text") if ctx.stage == 0 else ("transformer",)
+    bundle = load_bundle(ctx, parts=parts, layers=layers)
     keep_layers(bundle.dit, layers)
     gen = load_generator(ctx, bundle)
     ctx.model_info["layers"] = [layers.start, layers.stop]
@@ -142,10 +144,12 @@ class _Session:
     cache: FeatureCache
     context: Any
     steps: int
+    seed: int = 0
     blocks: dict[int, _Block] = field(default_factory=dict)
+    source: Any = None  # what the sink is made of (rank 0 keeps it for the refresh)
     # rank 0 only: the schedule
     queue: StaggeredQueue | None = None
-    noise: BlockNoise | None = None
+    noise: Any = None
     audio_state: Any = None
     sink_refresh: bool = False
     requests: deque = field(default_factory=deque)  # (block index, audio, submitted_at)
@@ -176,6 +180,9 @@ class LayerRank:
         cfg = gen.config
         self.frames = cfg.frames_per_block
         self._tokens = gen._context_tokens.to(gen.device, gen.dtype)
+        # Live Avatar's layer ranks hold no VAE: the decode rank encodes the reference and the
+        # driver sends it back to rank 0 ('reference'), which starts the sink pass then.
+        self.deferred = not gen.can_encode
 
     # ---- loop -------------------------------------------------------------------------------
     def run(self) -> int:
@@ -205,8 +212,13 @@ class LayerRank:
     def handle(self, source: str, msg: Message) -> bool:
         """React to one message; True when the rank must stop."""
         kind, m = msg.kind, msg.meta
-        if kind in ("fwd", "sink", "open"):
-            handler = {"fwd": self.forward, "sink": self.sink_pass, "open": self.open}[kind]
+        if kind in ("fwd", "sink", "open", "reference"):
+            handler = {
+                "fwd": self.forward,
+                "sink": self.sink_pass,
+                "open": self.open,
+                "reference": self.reference,
+            }[kind]
             guarded(self.ctx.stage, msg, handler, self._drop, self.out.send)
         elif kind in ("returned", "left"):
             self.on_return(msg)
@@ -248,7 +260,7 @@ class LayerRank:
             self._order.remove(sid)
 
     # ---- sessions -------------------------------------------------------------------------------
-    def _new_session(self, m: dict[str, Any]) -> _Session:
+    def _new_session(self, m: dict[str, Any], prompt_tokens: torch.Tensor | None) -> _Session:
         gen = self.gen
         steps = m.get("steps") or gen.config.steps
         gen.schedule(steps)  # validates
@@ -261,84 +273,120 @@ class LayerRank:
             steps=steps,
             device=gen.device,
             dtype=gen.dtype,
+            latent_hw=(gen.latent_h, gen.latent_w),
         )
+        tokens = self._tokens if prompt_tokens is None else prompt_tokens.to(gen.device, gen.dtype)
         return _Session(
-            cache=cache, context=context_for(gen.model, self._tokens, self.layers), steps=steps
+            cache=cache,
+            context=context_for(gen.model, tokens, self.layers),
+            steps=steps,
+            seed=int(m.get("seed", 0)),
         )
 
     def open(self, msg: Message) -> None:
-        """Rank 0: a new session from the driver; encode the reference and start the sink pass."""
+        """Rank 0: a new session from the driver; encode the reference and start the sink pass
+        (or, without a VAE here, open the session on every rank and wait for the reference)."""
         m = msg.meta
         sid = m["session_id"]
         gen = self.gen
+        tokens = None
         try:
-            sess = self._new_session(m)
+            if m.get("prompt") is not None:
+                tokens = gen.prompt_tokens(m["prompt"])
+            sess = self._new_session(m, tokens)
             sess.queue = StaggeredQueue(sess.steps)
-            mc = gen.model.config
-            shape = (1, mc.in_channels, self.frames, gen.latent_h, gen.latent_w)
-            sess.noise = BlockNoise(shape, m.get("seed", 0), gen.config.coordinated_noise)
+            sess.noise = gen._noise(m.get("seed", 0))
             sess.audio_state = gen.audio_encoder.new_state() if gen.audio_encoder else None
-            sess.sink_refresh = bool(m.get("sink_refresh"))
-            with torch.inference_mode():
-                image = torch.from_numpy(np.ascontiguousarray(m["reference"])).to(gen.device)
-                image = image.permute(2, 0, 1)[None].to(gen.dtype) / 127.5 - 1.0
-                latent = gen.vae.encode_image(image).to(gen.dtype)
+            refresh = m.get("sink_refresh")
+            sess.sink_refresh = gen.config.sink_refresh if refresh is None else bool(refresh)
+            source = None if self.deferred else gen.encode_reference(m["reference"])
         except DiffstreamError as exc:
             self.out.send(error_message(sid, None, exc, drop=True, what="open"))
             return
         self.sessions[sid] = sess
         self._order.append(sid)
-        meta = {k: v for k, v in m.items() if k != "reference"}
-        self._start_sink_pass(sid, sess, latent, dict(meta, what="open"))
+        meta = dict(m if self.deferred else {k: v for k, v in m.items() if k != "reference"})
+        extra = {"prompt_tokens": tokens} if tokens is not None else {}
+        if self.deferred:  # the sink waits for the reference; the session opens everywhere now
+            self._after_sink(Message("sink", dict(meta, what="open", deferred=True), extra))
+            return
+        self._start_sink_pass(sid, sess, source, dict(meta, what="open"), extra)
 
-    def _start_sink_pass(self, sid: str, sess: _Session, latent: torch.Tensor, meta: dict) -> None:
+    def reference(self, msg: Message) -> None:
+        """Rank 0: the reference, encoded on the decode rank: build the sink on every rank."""
+        sid = msg.meta["session_id"]
+        sess = self.sessions.get(sid)
+        if sess is None:
+            return
+        source = self.gen.source_from_message(msg.tensors)
+        self._start_sink_pass(sid, sess, source, {"session_id": sid, "what": "reference"})
+
+    def _source_tensors(self, source: Any) -> dict[str, torch.Tensor]:
+        if hasattr(source, "to_message"):
+            return source.to_message()
+        return {"reference": source}
+
+    def _start_sink_pass(
+        self, sid: str, sess: _Session, source: Any, meta: dict, extra: dict | None = None
+    ) -> None:
+        sess.source = source
         if not self.gen.config.sink:
             hidden = torch.zeros(0)
         else:
-            hidden = self._sink_layers(sess, latent, None)
-        self._after_sink(Message("sink", meta, {"latent": latent, "hidden": hidden}), hidden)
+            hidden = self._sink_layers(sess, source, None)
+        tensors = {**self._source_tensors(source), "hidden": hidden, **(extra or {})}
+        self._after_sink(Message("sink", meta, tensors))
 
     def sink_pass(self, msg: Message) -> None:
-        """Ranks after 0: store the sink keys/values of this rank's layers."""
+        """Ranks after 0: open the session here and store the sink keys/values of this rank's
+        layers (a deferred open carries no sink yet: the 'reference' pass brings it)."""
         m = msg.meta
         sid = m["session_id"]
         if m["what"] == "open":
             try:
-                self.sessions[sid] = self._new_session(m)
+                self.sessions[sid] = self._new_session(m, msg.tensors.get("prompt_tokens"))
             except DiffstreamError as exc:
                 self.out.send(error_message(sid, None, exc, drop=True, what="open"))
                 return
         sess = self.sessions.get(sid)
         if sess is None:
             return  # closed meanwhile
+        if m.get("deferred"):
+            self._after_sink(msg)
+            return
         hidden = msg.tensors["hidden"]
         if self.gen.config.sink:
-            hidden = self._sink_layers(sess, msg.tensors["latent"], hidden)
-        self._after_sink(
-            Message("sink", m, {"latent": msg.tensors["latent"], "hidden": hidden}), hidden
-        )
+            source = self.gen.source_from_message(msg.tensors)
+            hidden = self._sink_layers(sess, source, hidden)
+        self._after_sink(Message("sink", m, {**msg.tensors, "hidden": hidden}))
 
     def _sink_layers(
-        self, sess: _Session, latent: torch.Tensor, hidden: torch.Tensor | None
+        self, sess: _Session, source: Any, hidden: torch.Tensor | None
     ) -> torch.Tensor:
         gen = self.gen
-        t = torch.full((1,), gen.config.context_timestep, device=gen.device)
+        plan = sess.cache.sink_plan()
         with torch.inference_mode():
+            if hasattr(gen.model, "sink_forward"):
+                return gen.model.sink_forward(
+                    source, sess.context, plan, layers=self.layers, hidden=hidden
+                )
+            t = torch.full((1,), gen.config.context_timestep, device=gen.device)
             return gen.model(
-                latent,
+                source,
                 t,
                 sess.context,
                 frame_positions=torch.zeros(1, dtype=torch.long, device=gen.device),
-                plan=sess.cache.sink_plan(),
+                plan=plan,
                 layers=self.layers,
                 hidden=hidden,
             )
 
-    def _after_sink(self, msg: Message, hidden: torch.Tensor) -> None:
+    def _after_sink(self, msg: Message) -> None:
         if not self.last:
             self.out.send(msg)
         elif msg.meta["what"] == "open":  # every layer rank holds the session: tell the decoder
-            self.out.send(Message("open", {"session_id": msg.meta["session_id"]}))
+            keep = ("session_id", "reference") if msg.meta.get("deferred") else ("session_id",)
+            self.out.send(Message("open", {k: msg.meta[k] for k in keep if k in msg.meta}))
 
     # ---- rank 0: requests and the schedule ------------------------------------------------------
     def on_request(self, msg: Message) -> None:
@@ -396,12 +444,19 @@ class LayerRank:
         return b in sess.latents
 
     def _next_iteration(self, sess: _Session) -> bool:
-        if sess.refresh_pending:
+        # The refreshed sink is used from the first iteration, after block 0 has left, that
+        # holds a block at or past sink_refresh_block (at one step: exactly the local engine).
+        due = sess.queue.next_block > self.gen.config.sink_refresh_block or (
+            bool(sess.requests) and sess.queue.next_block >= self.gen.config.sink_refresh_block
+        )
+        if sess.refresh_pending and due:
             if sess.refresh_frame is None:
                 return False  # block 0's clean frame is still on its way back
             sid = next(k for k, v in self.sessions.items() if v is sess)
             frame, sess.refresh_frame, sess.refresh_pending = sess.refresh_frame, None, False
-            self._start_sink_pass(sid, sess, frame, {"session_id": sid, "what": "refresh"})
+            old = sess.source
+            source = old.with_reference(frame) if hasattr(old, "with_reference") else frame
+            self._start_sink_pass(sid, sess, source, {"session_id": sid, "what": "refresh"})
         admit = bool(sess.requests)
         drain_due = time.monotonic() >= sess.last_request_at + self.drain_after
         if not admit and not (len(sess.queue) and drain_due):
@@ -491,7 +546,7 @@ class LayerRank:
             blk = sess.blocks[b] = self._block_entry(b, msg.tensors.get("features"))
         latent = msg.tensors["latent"]
         start_frame = b * self.frames
-        plan, cache = sess.cache.block_plan(b, start_frame, gen.sink_position(start_frame))
+        plan, cache = sess.cache.block_plan(b, start_frame, gen.sink_position(start_frame, sess, k))
         sched = gen.schedule(sess.steps)
         t = torch.full((1,), sched.timesteps[k], device=gen.device)
         with torch.inference_mode():
@@ -512,9 +567,10 @@ class LayerRank:
             sess.blocks.pop(b, None)
         timings = dict(m.get("timings", {}))
         if not self.last:
-            self.out.send(
-                Message("fwd", dict(m, timings=timings), {"latent": latent, "hidden": out})
-            )
+            onward = {"latent": latent, "hidden": out}
+            if msg.tensors.get("features") is not None:  # every later rank injects audio too
+                onward["features"] = msg.tensors["features"]
+            self.out.send(Message("fwd", dict(m, timings=timings), onward))
             self.ctx.record(f"step{k}", sid, b, start)
             return
         with torch.inference_mode():

@@ -152,6 +152,7 @@ class LocalExecutor(Executor):
                     seed=spec.seed,
                     steps=spec.steps,
                     sink_refresh=spec.sink_refresh,
+                    prompt=spec.prompt,
                 )
             except DiffstreamError as exc:
                 item.future.set_exception(exc)

@@ -108,6 +108,7 @@ class WholeGenerator:
                 seed=m.get("seed", 0),
                 steps=m.get("steps"),
                 sink_refresh=m.get("sink_refresh"),
+                prompt=m.get("prompt"),
             )
         except DiffstreamError as exc:  # a bad reference: this open fails, the worker goes on
             self.out.send(Message("opened", error_message(sid, None, exc, drop=True).meta))

@@ -327,6 +327,7 @@ class PipelineExecutor(Executor):
                         "seed": spec.seed,
                         "steps": spec.steps,
                         "sink_refresh": spec.sink_refresh,
+                        "prompt": spec.prompt,
                         "reference": spec.reference,
                     },
                 )
@@ -503,6 +504,14 @@ class PipelineExecutor(Executor):
                     with contextlib.suppress(ExecutorError):
                         self._post(Message("close", {"session_id": m["session_id"]}))
                 else:
+                    if msg.tensors:  # the reference, encoded on the decode rank: to the others
+                        try:
+                            self._post(
+                                Message("reference", {"session_id": m["session_id"]}, msg.tensors)
+                            )
+                        except (ExecutorError, ExecutorBusy) as exc:
+                            fut.set_exception(ExecutorError(f"cannot pass the reference on: {exc}"))
+                            return
                     fut.set_result(None)
             elif msg.kind == "stats":
                 fut = self._requests.pop(m["request"], None)

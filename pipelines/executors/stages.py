@@ -37,10 +37,13 @@ EXECUTOR_OPTIONS = (
     "keep_latents",
     "cpu_affinity",
 )
-PIPELINE_OPTIONS = tuple(f.name for f in dataclasses.fields(PipelineConfig)) + (
-    "height",
-    "width",
-    "dtype",
+# Options of the model's loading (models.registry.LOAD_OPTIONS: lora, lora_mode, ...); they
+# travel to the workers with the pipeline options and each worker loads with them.
+MODEL_OPTIONS = ("lora", "lora_mode", "lora_alpha", "text_encoder", "audio_context_frames")
+PIPELINE_OPTIONS = (
+    tuple(f.name for f in dataclasses.fields(PipelineConfig))
+    + ("height", "width", "dtype")
+    + MODEL_OPTIONS
 )
 
 
@@ -75,16 +78,42 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return executor, pipeline
 
 
-def load_generator(
-    ctx: WorkerContext, bundle: Any | None = None, **fixed: Any
-) -> StreamingGenerator:
-    """This rank's generator on its device (the whole model: a TPP step needs every layer)."""
+def model_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k in MODEL_OPTIONS and v is not None}
+
+
+def load_bundle(
+    ctx: WorkerContext, parts: tuple[str, ...] | None = None, layers: range | None = None
+) -> Any:
+    """This rank's share of the model, loaded straight onto its device where the model allows
+    (Live Avatar: only `parts`, only `layers`; the small models load whole on the CPU)."""
     from models.registry import load_model
+
+    return load_model(
+        ctx.spec.model,
+        device=ctx.device,
+        dtype=ctx.dtype,
+        parts=parts,
+        layers=layers,
+        **model_options(ctx.spec.options),
+    )
+
+
+def load_generator(
+    ctx: WorkerContext,
+    bundle: Any | None = None,
+    parts: tuple[str, ...] | None = None,
+    **fixed: Any,
+) -> StreamingGenerator:
+    """This rank's generator on its device (the whole transformer: a TPP step needs every
+    layer; `parts` leaves out what the rank does not run, e.g. the VAE)."""
     from pipelines.executors.local import model_info
 
-    bundle = bundle or load_model(ctx.spec.model)
+    bundle = bundle or load_bundle(ctx, parts)
     overrides = {
-        k: v for k, v in ctx.spec.options.items() if k in PIPELINE_OPTIONS and k != "dtype"
+        k: v
+        for k, v in ctx.spec.options.items()
+        if k in PIPELINE_OPTIONS and k != "dtype" and k not in MODEL_OPTIONS
     }
     overrides.update(fixed)
     gen = StreamingGenerator.from_bundle(bundle, device=ctx.device, dtype=ctx.dtype, **overrides)
@@ -94,9 +123,7 @@ def load_generator(
 
 def load_decoder(ctx: WorkerContext) -> Any:
     """The decode rank holds only the autoencoder, never the transformer."""
-    from models.registry import load_model
-
-    bundle = load_model(ctx.spec.model)
+    bundle = load_bundle(ctx, parts=("vae",))
     vae = bundle.vae
     bundle.dit = None  # let the transformer's weights go before anything reaches the device
     if isinstance(vae, torch.nn.Module) or hasattr(vae, "to"):
@@ -203,17 +230,23 @@ def guarded(rank: int, msg: Message, handler: Any, drop: Any, send: Any) -> None
         )
 
 
-def new_decode_state(vae: Any, reference: np.ndarray | None, ctx: WorkerContext) -> Any:
-    """A session's decode cache on the decode rank; a VAE that primes its cache from the
-    reference image (Live Avatar's) encodes it here, where the VAE is."""
+def new_decode_state(
+    vae: Any, reference: np.ndarray | None, ctx: WorkerContext
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A session's decode cache on the decode rank, and what the denoise ranks need of the
+    reference when they hold no VAE: Live Avatar's VAE encodes the reference here (the only
+    rank with a VAE), primes its decoder with it, and the latents go back through the driver
+    (the 'reference' message) to the ranks that build the sink from them."""
     if not getattr(vae, "needs_reference", False):
-        return vae.new_state()
+        return vae.new_state(), {}
     if reference is None:
         raise ConfigError("this model's decoder needs the reference image to open a session")
     with torch.inference_mode():
         image = torch.from_numpy(np.ascontiguousarray(reference)).to(ctx.device)
         image = image.permute(2, 0, 1)[None].to(ctx.dtype) / 127.5 - 1.0
-        return vae.new_state(vae.encode_reference(image))
+        source = vae.encode_reference(image)
+        state = vae.new_state(source)
+    return state, source.to_message()
 
 
 def run_decoder(ctx: WorkerContext, vae: Any) -> int:
@@ -257,8 +290,14 @@ def run_decoder(ctx: WorkerContext, vae: Any) -> int:
             to_driver.send(Message("result", reply))
             ctx.record("decode", sid, m["block_index"], start)
         elif kind == "open":
-            states[m["session_id"]] = new_decode_state(vae, m.get("reference"), ctx)
-            to_driver.send(Message("opened", {"session_id": m["session_id"]}))
+            sid = m["session_id"]
+            try:
+                states[sid], tensors = new_decode_state(vae, m.get("reference"), ctx)
+            except DiffstreamError as exc:
+                meta = {"session_id": sid, "error": str(exc), "error_type": type(exc).__name__}
+                to_driver.send(Message("opened", meta))
+                continue
+            to_driver.send(Message("opened", {"session_id": sid}, tensors))
         elif kind == "error":
             if m.get("drop"):
                 states.pop(m["session_id"], None)

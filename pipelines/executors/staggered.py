@@ -108,8 +108,10 @@ class FeatureCache:
         steps: int,
         device: torch.device,
         dtype: torch.dtype,
+        latent_hw: tuple[int, int] | None = None,
     ) -> FeatureCache:
         cfg = model.config
+        sink_tokens = getattr(model, "sink_tokens", None)
         sink = KVCache.allocate(
             layers=len(layers),
             batch=1,
@@ -118,6 +120,7 @@ class FeatureCache:
             tokens_per_frame=tokens_per_frame,
             window_frames=0,
             sink_frames=1,
+            sink_tokens=sink_tokens(*latent_hw) if sink_tokens and latent_hw else None,
             frames_per_block=frames_per_block,
             device=device,
             dtype=dtype,
@@ -187,32 +190,19 @@ class FeatureCache:
         return total
 
 
-def context_for(
-    model: CausalWanTransformer, tokens: torch.Tensor, layers: range
-) -> PreparedContext:
+def context_for(model: Any, tokens: torch.Tensor, layers: range) -> PreparedContext:
     """Cross-attention keys/values of the condition tokens, for `layers` only."""
     with torch.inference_mode():
-        ctx = model.condition_embedder.text_embedder(tokens)
-        kv = [
-            model.blocks[i].attn2.key_value(ctx) if i in layers else None
-            for i in range(len(model.blocks))
-        ]
-    return PreparedContext(kv=kv)
+        return model.prepare_context(tokens, layers)
 
 
-def audio_for(
-    model: CausalWanTransformer, features: torch.Tensor | None, layers: range
-) -> list | None:
-    """Audio cross-attention keys/values of one block, for `layers` only."""
-    if features is None or model.audio_embedder is None:
+def audio_for(model: Any, features: torch.Tensor | None, layers: range) -> list | None:
+    """Audio keys/values (and whatever else the model's injection needs) of one block, for
+    `layers` only."""
+    if features is None or not model.config.audio_layers:
         return None
     with torch.inference_mode():
-        tokens = model.audio_embedder(features).flatten(0, 1)
-        out: list = []
-        for i, blk in enumerate(model.blocks):
-            own = i in layers and getattr(blk, "audio_attn", None) is not None
-            out.append(blk.audio_attn.key_value(tokens) if own else None)
-    return out
+        return model.prepare_audio(features, layers)
 
 
 def keep_layers(model: CausalWanTransformer, layers: range) -> CausalWanTransformer:

@@ -115,11 +115,13 @@ def _fmt(r: range) -> str:
 
 
 def load(ctx: WorkerContext) -> Any:
-    """Denoise ranks load the whole transformer (every step runs every layer); the decode rank
-    only the autoencoder."""
+    """Denoise ranks load the whole transformer (every step runs every layer), rank 0 also the
+    audio and prompt encoders; the decode rank only the autoencoder. (Models too small to split
+    load whole everywhere.)"""
     if ctx.last:
         return load_decoder(ctx)
-    return load_generator(ctx, cache_mode="timestep_forcing")
+    parts = ("transformer", "audio", "text") if ctx.stage == 0 else ("transformer",)
+    return load_generator(ctx, parts=parts, cache_mode="timestep_forcing")
 
 
 def run_worker(ctx: WorkerContext, state: Any) -> int:
@@ -158,9 +160,9 @@ class StepRank:
                 continue
             msg = got[1]
             kind = msg.kind
-            if kind in ("block", "open"):
-                handler = self.block if kind == "block" else self.open
-                guarded(self.rank, msg, handler, self._drop, self.out.send)
+            if kind in ("block", "open", "reference"):
+                handler = {"block": self.block, "open": self.open, "reference": self.reference}
+                guarded(self.rank, msg, handler[kind], self._drop, self.out.send)
             elif kind == "close":
                 self.sessions.pop(msg.meta["session_id"], None)
                 self._refreshes.pop(msg.meta["session_id"], None)
@@ -194,17 +196,24 @@ class StepRank:
     def open(self, msg: Message) -> None:
         m = msg.meta
         sid = m["session_id"]
-        steps = m.get("steps") or self.gen.config.steps
+        gen = self.gen
+        steps = m.get("steps") or gen.config.steps
+        prompt = m.get("prompt")
+        tokens = msg.tensors.get("prompt_tokens")
         try:
             own = split_steps(steps, self.ranks)[self.rank]
-            state = self.gen.new_session(
-                m["reference"],
+            if prompt is not None and tokens is None:  # rank 0 holds the prompt encoder
+                tokens = gen.prompt_tokens(prompt)
+            state = gen.new_session(
+                m["reference"] if gen.can_encode else None,  # else it comes as 'reference'
                 session_id=sid,
                 seed=m.get("seed", 0),
                 steps=steps,
                 sink_refresh=m.get("sink_refresh"),
                 cache_mode="timestep_forcing",
                 cache_steps=own,
+                prompt=prompt,
+                prompt_tokens=tokens,
             )
         except DiffstreamError as exc:
             self.out.send(error_message(sid, None, exc, drop=True, what="open"))
@@ -213,7 +222,20 @@ class StepRank:
         # The decode rank needs no image, unless its VAE primes a session from it (Live Avatar).
         if self.rank == self.ranks - 1 and not getattr(self.gen.vae, "needs_reference", False):
             m = {k: v for k, v in m.items() if k != "reference"}
-        self.out.send(Message("open", m))
+        tensors = {"prompt_tokens": tokens} if tokens is not None and not self._last else {}
+        self.out.send(Message("open", m, tensors))
+
+    @property
+    def _last(self) -> bool:
+        return self.rank == self.ranks - 1
+
+    def reference(self, msg: Message) -> None:
+        """The reference encoded on the decode rank (sent on by the driver): build the sink."""
+        sess = self.sessions.get(msg.meta["session_id"])
+        if sess is not None:
+            self.gen.set_source(sess.state, self.gen.source_from_message(msg.tensors))
+        if not self._last:
+            self.out.send(msg)
 
     # ---- one block -------------------------------------------------------------------------------
     def block(self, msg: Message) -> None:

@@ -24,11 +24,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="reference image (PNG, JPEG, WebP)")
     p.add_argument("--audio", required=True, help="driving audio (wav, mp3, ogg, flac, m4a...)")
     p.add_argument("-o", "--output", required=True, help="output path without extension")
-    p.add_argument("--model", default="default", help="model name or folder (default: default)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="model name or folder (default: default); Live Avatar: liveavatar:DIR",
+    )
+    p.add_argument("--lora", default=None, help="LoRA folder merged into the model (Live Avatar)")
+    p.add_argument("--prompt", default=None, help="text prompt (models that take one)")
+    p.add_argument(
+        "--text-encoder",
+        default=None,
+        choices=("keep", "cpu", "offload", "free"),
+        help="where the prompt encoder stays after encoding (default keep)",
+    )
+    p.add_argument("--height", type=int, default=None, help="video height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="video width (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="denoising steps per block")
     p.add_argument("--cache-mode", choices=CACHE_MODES, default=None)
-    p.add_argument("--sink-refresh", action="store_true", help="re-anchor on the first frame")
+    p.add_argument(
+        "--sink-refresh",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="re-anchor the sink on the first generated frame (default: the model's)",
+    )
     p.add_argument("--no-sink", action="store_true", help="disable the rolling sink frame")
     p.add_argument(
         "--executor", default="local", choices=EXECUTORS, help="local (default), tpp or dualparal"
@@ -95,7 +114,14 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.messages import BlockRequest, SessionSpec
     from pipelines.reference import load_reference_image
 
-    options: dict = {"steps": args.steps, "cache_mode": args.cache_mode}
+    options: dict = {
+        "steps": args.steps,
+        "cache_mode": args.cache_mode,
+        "lora": args.lora,
+        "text_encoder": args.text_encoder,
+        "height": args.height,
+        "width": args.width,
+    }
     if args.no_sink:
         options["sink"] = False
     options = {k: v for k, v in options.items() if v is not None}
@@ -111,7 +137,12 @@ def run(args: argparse.Namespace) -> int:
         if audio.size == 0:
             raise InvalidAudioError(f"{args.audio}: no audio samples to drive the video")
         spec = SessionSpec(
-            "render", reference, seed=args.seed, steps=args.steps, sink_refresh=args.sink_refresh
+            "render",
+            reference,
+            seed=args.seed,
+            steps=args.steps,
+            sink_refresh=args.sink_refresh,
+            prompt=args.prompt,
         )
         ex.open_session(spec)
 
