@@ -121,8 +121,9 @@ def test_local_stream_prompt_and_reference_change_the_video(tiny):
 @pytest.mark.distributed
 def test_tpp_streams_it_frame_for_frame_like_the_local_engine(tiny):
     """Two step ranks without the VAE (the reference comes back from the decode rank through
-    the driver) + the decode rank: the same frames as one process. Fails if a rank builds its
-    sink from anything else, or the prompt is not shipped to the later ranks."""
+    the driver) + the decode rank: the same frames as one process, each rank holding only its
+    parts (rank 0 the audio and prompt encoders too). Fails if a rank builds its sink from
+    anything else, the prompt is not shipped to the later ranks, or a rank loads the VAE."""
     from pipelines.executors import build_executor
 
     base, lora = tiny
@@ -138,7 +139,13 @@ def test_tpp_streams_it_frame_for_frame_like_the_local_engine(tiny):
         tpp = stream(ex)
     for x, y in zip(local, tpp, strict=True):
         assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
-    assert [s.get("role") for s in stats][-1] == "decode"
+    first, second, decode = stats
+    assert decode["role"] == "decode" and decode["params"]["vae"] > 0
+    assert decode["params"].keys() == {"vae"}  # the decode rank holds no transformer
+    for rank in (first, second):  # the whole transformer, no VAE weights
+        assert rank["params"]["transformer"] > 0 and rank["params"]["vae"] == 0
+    assert first["params"]["audio"] > 0 and first["params"]["text"] > 0
+    assert second["params"]["audio"] == 0 and second["params"]["text"] == 0
 
 
 @pytest.mark.distributed
@@ -167,7 +174,7 @@ def test_dualparal_streams_it_and_equals_the_engine_at_one_step(tiny):
         dual = stream(ex)
     for x, y in zip(local, dual, strict=True):
         assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
-    params = [s["params"] for s in stats if "params" in s]
+    params = [s["params"] for s in stats if s.get("role", "").startswith("layers")]
     assert len(params) == 2 and max(params) < sum(params)  # each rank holds part of the blocks
 
 

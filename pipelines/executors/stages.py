@@ -121,6 +121,29 @@ def load_generator(
     return gen
 
 
+def held_params(*parts: Any) -> dict[str, int]:
+    """Parameters this rank holds, by part (a generator counts as its transformer, VAE, audio
+    and prompt encoders): what a test reads to see that a rank loaded only its share."""
+
+    def count(module: Any) -> int:
+        if isinstance(module, torch.nn.Module):
+            return sum(p.numel() for p in module.parameters())
+        inner = getattr(module, "inner", None) or getattr(module, "vae", None)
+        inner = inner or getattr(module, "_model", None)
+        return count(inner) if inner is not None and inner is not module else 0
+
+    out: dict[str, int] = {}
+    for part in parts:
+        if isinstance(part, StreamingGenerator):
+            out["transformer"] = count(part.model)
+            out["vae"] = count(part.vae)
+            out["audio"] = count(part.audio_encoder)
+            out["text"] = count(part.prompt_encoder)
+        else:
+            out["vae"] = count(part)
+    return out
+
+
 def load_decoder(ctx: WorkerContext) -> Any:
     """The decode rank holds only the autoencoder, never the transformer."""
     bundle = load_bundle(ctx, parts=("vae",))
@@ -326,7 +349,10 @@ def run_decoder(ctx: WorkerContext, vae: Any) -> int:
         elif kind == "ping":
             to_driver.send(Message("pong", m))
         elif kind == "stats":
-            ranks = [*m["ranks"], dict(ctx.stats(), role="decode", sessions=len(states))]
+            ranks = [
+                *m["ranks"],
+                dict(ctx.stats(), role="decode", sessions=len(states), params=held_params(vae)),
+            ]
             to_driver.send(Message("stats", {"request": m["request"], "ranks": ranks}))
         elif kind == "stop":
             to_driver.send(Message("stop"))

@@ -42,6 +42,7 @@ from pipelines.executors.stages import (
     encode_audio,
     error_message,
     guarded,
+    held_params,
     load_decoder,
     load_generator,
     run_decoder,
@@ -177,6 +178,7 @@ class StepRank:
                     role=f"steps {_fmt(split_steps(self.gen.config.steps, self.ranks)[self.rank])}",
                     sessions=len(self.sessions),
                     cache_bytes=sum(s.state.cache_bytes() for s in self.sessions.values()),
+                    params=held_params(self.gen),
                 )
                 msg.meta["ranks"] = [*msg.meta["ranks"], info]
                 self.out.send(msg)
