@@ -355,6 +355,96 @@ def _load_transformer(
     return model.eval().requires_grad_(False)
 
 
+# ---- random weights at the released sizes (speed and memory measurements) ----------------------
+def build_liveavatar_random(
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    config: dict[str, Any] | None = None,
+    height: int = 384,
+    width: int = 704,
+    name: str = "liveavatar-14b",
+    parts: tuple[str, ...] = PARTS,
+    layers: range | None = None,
+) -> Any:
+    """Live Avatar's architecture with random weights, built straight on `device`: the 14B
+    transformer, Wan 2.1's VAE and wav2vec2-large at their released sizes (no prompt encoder:
+    a random prompt embedding). For measuring speed and memory where the weights cannot be
+    downloaded; its video is noise. `config` overrides S2VConfig fields (tests use a tiny one)."""
+    from diffusers import AutoencoderKLWan
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    from models.registry import ModelBundle, StreamDefaults
+    from models.vae import WanStreamingVAE
+    from models.wav2vec import Wav2VecFeatures
+
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cfg = S2VConfig(**(config or {})).validate()
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.device("meta"):
+        dit = LiveAvatarTransformer(cfg)
+    if layers is not None:  # a DualParal rank: the other ranks' blocks are never allocated
+        for i in range(cfg.num_layers):
+            if i not in layers:
+                dit.blocks[i] = torch.nn.Identity()
+    dit = dit.to(dtype=dtype).to_empty(device=device)  # never a float32 copy of 16B params
+    with torch.no_grad():  # scale matters for the timing, values do not
+        for p in dit.parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device) / p[0].numel() ** 0.5)
+            else:
+                p.fill_(1.0 if p.ndim == 1 and p.shape[0] == cfg.dim else 0.0)
+    small = cfg.dim < 1024
+    wav_cfg = Wav2Vec2Config(
+        hidden_size=cfg.audio_dim,
+        num_hidden_layers=cfg.audio_feature_layers - 1,
+        num_attention_heads=2 if small else 16,
+        intermediate_size=2 * cfg.audio_dim if small else 4096,
+        conv_dim=(8,) * 7 if small else (512,) * 7,
+        num_conv_pos_embeddings=16 if small else 128,
+        num_conv_pos_embedding_groups=2 if small else 16,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+    )
+    extractor = Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True
+    )
+    audio = None
+    if "audio" in parts:
+        net = Wav2Vec2Model(wav_cfg).eval().requires_grad_(False)
+        audio = Wav2VecFeatures(
+            Path("<random>"), loaded=(extractor, net, wav_cfg), device=device, dtype=dtype
+        )
+    vae: Any = VAEGeometry()
+    if "vae" in parts:
+        vae_kwargs = {"base_dim": 8, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1} if small else {}
+        vae = LiveAvatarVAE(WanStreamingVAE(AutoencoderKLWan(**vae_kwargs).eval()))
+        vae.to(device=device, dtype=dtype)
+    bundle = ModelBundle(
+        name=name,
+        dit=dit.eval().requires_grad_(False),
+        vae=vae,
+        audio_encoder=audio,
+        context=torch.randn(1, 64, cfg.text_dim, generator=gen, device=device).to(dtype) * 0.1,
+        defaults=StreamDefaults(
+            fps=25.0,
+            height=height,
+            width=width,
+            audio_sample_rate=16000,
+            frames_per_block=3,
+            steps=4,
+            shift=3.0,
+            window_frames=9,
+            sink_distance=4,
+            pipeline=pipeline_settings(),
+        ),
+        vae_config={"kind": "wan"},
+        notice=f"{name}: Live Avatar's architecture with random weights (speed measurements only)",
+    )
+    return bundle
+
+
 # ---- a tiny folder in the released layout (tests, smoke runs) -------------------------------------
 TINY_CONFIG = dict(
     model_type="s2v",

@@ -316,7 +316,7 @@ def load_diffusers_wan(path: Path) -> ModelBundle:
     )
 
 
-NAMES = ("default", "tiny", "wan-1.3b", "wan-14b")
+NAMES = ("default", "tiny", "wan-1.3b", "wan-14b", "liveavatar-14b", "liveavatar-tiny")
 LIVEAVATAR_PREFIX = "liveavatar:"
 # Options of load_model (and of --model on the command line) beyond the model's name.
 LOAD_OPTIONS = ("lora", "lora_mode", "lora_alpha", "text_encoder", "audio_context_frames")
@@ -342,11 +342,29 @@ def model_notice(name_or_path: str) -> str:
         return "tiny: randomly initialised weights (the output is noise-like, not a face)"
     if name_or_path in ("wan-1.3b", "wan-14b"):
         return f"{name_or_path}: Wan architecture with random weights (for speed measurements only)"
+    if name_or_path in ("liveavatar-14b", "liveavatar-tiny"):
+        return f"{name_or_path}: Live Avatar's architecture with random weights (speed only)"
     return ""
+
+
+def _s2v_fields() -> set[str]:
+    import dataclasses
+
+    from models.s2v import S2VConfig
+
+    return {f.name for f in dataclasses.fields(S2VConfig)}
+
+
+S2V_FIELDS = _s2v_fields()
 
 
 def model_num_layers(name_or_path: str) -> int:
     """Transformer layers of a model, without loading a big one (DualParal splits by it)."""
+    if name_or_path in ("liveavatar-14b", "liveavatar-tiny"):
+        from models.liveavatar import TINY_CONFIG
+        from models.s2v import S2VConfig
+
+        return S2VConfig().num_layers if name_or_path.endswith("14b") else TINY_CONFIG["num_layers"]
     path = (
         name_or_path[len(LIVEAVATAR_PREFIX) :]
         if name_or_path.startswith(LIVEAVATAR_PREFIX)
@@ -391,6 +409,22 @@ def load_model(
             parts=parts or PARTS,
             layers=layers,
             **{k: v for k, v in options.items() if v is not None},
+        )
+    if name_or_path in ("liveavatar-14b", "liveavatar-tiny"):
+        from models.liveavatar import TINY_CONFIG, build_liveavatar_random
+
+        share = {"parts": parts or ("transformer", "vae", "audio", "text"), "layers": layers}
+        if name_or_path == "liveavatar-14b":
+            return build_liveavatar_random(device, dtype, **share)
+        tiny = {k: v for k, v in TINY_CONFIG.items() if k in S2V_FIELDS}
+        return build_liveavatar_random(
+            device,
+            dtype,
+            config={**tiny, "text_dim": 16},
+            height=64,
+            width=64,
+            name=name_or_path,
+            **share,
         )
     if options.get("lora") is not None:
         raise ConfigError(

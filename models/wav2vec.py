@@ -74,6 +74,7 @@ class Wav2VecFeatures:
         frames_per_latent: int = 4,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        loaded: tuple[Any, Any, Any] | None = None,
     ) -> None:
         if isinstance(context_frames, bool) or not isinstance(context_frames, int):
             raise ConfigError(f"context_frames must be an integer, got {context_frames!r}")
@@ -86,7 +87,8 @@ class Wav2VecFeatures:
         if isinstance(fps, bool) or not isinstance(fps, (int, float, Fraction)) or not fps > 0:
             raise ConfigError(f"fps must be a positive number, got {fps!r}")
         self.folder = Path(folder).expanduser()
-        self._extractor, self._model, config = _load(self.folder)
+        # `loaded`: (extractor, network, config) built in memory (random-weight benchmarks).
+        self._extractor, self._model, config = loaded or _load(self.folder)
         self.sample_rate = int(self._extractor.sampling_rate)
         self.fps = Fraction(fps).limit_denominator(1_000_000)
         per_frame = self.sample_rate / self.fps

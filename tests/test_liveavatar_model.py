@@ -323,3 +323,17 @@ def test_service_streams_it_with_a_session_prompt(tiny, tmp_path):
         assert len(client.received.video) > 25, svc.log_tail()
         _, config = http("GET", f"{svc.base}/v1/config")
         assert config["model"].startswith("liveavatar:")
+
+
+def test_bench_runs_the_random_weight_model_the_gpu_measurement_uses():
+    """`diffstream bench --model liveavatar-14b --device cuda` is the GPU measurement of issue 8
+    (per-step cost, first frame, memory); CI has no GPU, so the same code path runs here on
+    liveavatar-tiny (same architecture and pipeline, tiny sizes)."""
+    out = cli("bench", "--model", "liveavatar-tiny", "--blocks", "2", "--warmup", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["cache_mode"] == "timestep_forcing" and r["steps"] == 4
+    assert len(r["denoise_step_s"]) == 4 and all(s > 0 for s in r["denoise_step_s"])
+    assert r["frames_per_block"] == 12 and r["resolution"] == [64, 64]
+    assert r["new_reference_s"] > r["block_s"]  # 92 encoder passes vs one block
+    assert r["time_to_first_frame_s"] > 0 and r["peak_memory_mb"] > 0

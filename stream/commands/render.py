@@ -150,7 +150,11 @@ def run(args: argparse.Namespace) -> int:
         pending: deque = deque()
         total = audio.shape[0]
         sr = info.audio_sample_rate
-        bar = tqdm(total=round(total / sr, 2), unit="s", disable=args.quiet)
+        padded, blocks_needed = 0, 0  # the last block is padded with silence: count it whole
+        while padded < total:
+            padded += info.block_samples(blocks_needed)
+            blocks_needed += 1
+        bar = tqdm(total=round(padded / sr, 2), unit="s", disable=args.quiet)
 
         def collect() -> None:
             result = pending.popleft().result()
