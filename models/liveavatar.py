@@ -208,19 +208,49 @@ def read_config(folder: Path) -> S2VConfig:
     return S2VConfig.from_dict(data)
 
 
-def layer_filter(layers: range | None, num_layers: int):
-    """Checkpoint keys a rank running `layers` needs: its blocks, and everything outside the
-    blocks (embeddings, head, audio encoder and injectors are small)."""
+def own_injectors(cfg: S2VConfig, layers: range) -> set[int]:
+    """The audio injectors (by index) that run after one of `layers`."""
+    from models.s2v import injector_slots
+
+    return {slot for layer, slot in injector_slots(cfg.audio_inject_layers, cfg.num_layers).items()
+            if layer in layers}  # fmt: skip
+
+
+def layer_filter(layers: range | None, cfg: S2VConfig):
+    """Checkpoint keys a rank running `layers` needs: its blocks, the audio injectors after
+    them (~200 MB each in bf16 at 14B), and the small shared parts (embeddings, head, the audio
+    encoder, the frame packer)."""
     if layers is None:
         return None
     keep = {str(i) for i in layers}
+    slots = {str(j) for j in own_injectors(cfg, layers)}
 
     def accept(key: str) -> bool:
         if key.startswith("blocks."):
             return key.split(".", 2)[1] in keep
+        if key.startswith(("audio_injector.injector.", "audio_injector.injector_adain_layers.")):
+            return key.split(".", 3)[2] in slots
         return True
 
     return accept
+
+
+def drop_other_layers(model: LiveAvatarTransformer, layers: range) -> None:
+    """Replace the blocks and injectors a rank does not run by empty modules (before anything
+    is allocated), so it holds only its share."""
+    from torch import nn
+
+    cfg = model.config
+    mine = own_injectors(cfg, layers)
+    for i in range(cfg.num_layers):
+        if i not in layers:
+            model.blocks[i] = nn.Identity()
+    inj = model.audio_injector
+    for j in range(len(inj.injector)):
+        if j not in mine:
+            inj.injector[j] = nn.Identity()
+            if inj.injector_adain_layers is not None:
+                inj.injector_adain_layers[j] = nn.Identity()
 
 
 def load_liveavatar(
@@ -330,13 +360,9 @@ def _load_transformer(
 
     with torch.device("meta"):
         model = LiveAvatarTransformer(cfg)
-    accept = layer_filter(layers, cfg.num_layers)
-    if layers is not None:  # the other ranks' blocks are never materialised
-        from torch import nn
-
-        for i in range(cfg.num_layers):
-            if i not in layers:
-                model.blocks[i] = nn.Identity()
+    accept = layer_filter(layers, cfg)
+    if layers is not None:  # the other ranks' blocks and injectors are never materialised
+        drop_other_layers(model, layers)
     if lora is not None:
         from models.lora import load_with_lora
 
@@ -384,10 +410,8 @@ def build_liveavatar_random(
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.device("meta"):
         dit = LiveAvatarTransformer(cfg)
-    if layers is not None:  # a DualParal rank: the other ranks' blocks are never allocated
-        for i in range(cfg.num_layers):
-            if i not in layers:
-                dit.blocks[i] = torch.nn.Identity()
+    if layers is not None:  # a DualParal rank: the other ranks' layers are never allocated
+        drop_other_layers(dit, layers)
     dit = dit.to(dtype=dtype).to_empty(device=device)  # never a float32 copy of 16B params
     with torch.no_grad():  # scale matters for the timing, values do not
         for p in dit.parameters():

@@ -18,6 +18,12 @@ From them, for N devices (each strategy's layout is the executors' own):
              the first frame waits S-1 extra blocks of audio.
 * tpp+layers (prediction only, not implemented) every TPP step stage split by layers too.
 
+Memory per device is pipelines/memory.py's: the parts each device holds in that layout (weights
+of its layers and of the encoders at its place, per-session caches, traced working sets), listed
+part by part in `memory_parts`. Opening a session (`session_open_s`) encodes the reference
+image and runs the sink pass; it happens once per session (Live Avatar runs the sink pass once
+more when it refreshes the sink) and is not part of the time to first frame of the audio.
+
 Time to first frame = the first block's audio (it must be heard before it is generated) + the
 first block's compute latency (+ the extra audio DualParal's queue needs). `cores` models CPU
 "devices" sharing fewer cores (the CPU tests): a block's compute over all devices divided by the
@@ -31,7 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.errors import ConfigError
-from pipelines.model_shape import DTYPE_BYTES, ModelShape, model_shape
+from pipelines.memory import device_memory
+from pipelines.model_shape import DECODE, DTYPE_BYTES, FIRST, SINK, ModelShape, model_shape
 from pipelines.profiler import Costs, costs_from_bench, layer_flops, probe_shape, profile_costs
 
 __all__ = [
@@ -85,6 +92,8 @@ class Prediction:
     stages_s: list[float] = field(default_factory=list)  # busy time per device per block
     runnable: bool = True
     notes: str = ""
+    memory_parts: list[dict[str, float]] = field(default_factory=list)  # GiB per part, device
+    session_open_s: float = 0.0  # reference encode + sink pass, once per session
 
     def realtime(self, fps: float) -> bool:
         return self.fps >= fps
@@ -95,6 +104,18 @@ class Prediction:
 
 def _gb(nbytes: float) -> float:
     return nbytes / 2**30
+
+
+def _memory(parts: list[dict[str, int]]) -> dict[str, Any]:
+    """Prediction fields for per-device part lists (bytes): totals and parts in GiB."""
+    return dict(
+        memory_gb=[_gb(sum(p.values())) for p in parts],
+        memory_parts=[{k: _gb(v) for k, v in p.items()} for p in parts],
+    )
+
+
+def _open_s(costs: Costs) -> float:
+    return costs.reference_s + costs.sink_s
 
 
 def _bound(compute_s: float, devices: int, period: float, cores: float | None) -> float:
@@ -121,16 +142,25 @@ def _compute_s(
     )
 
 
-def predict_local(shape: ModelShape, costs: Costs, *, cores: float | None = None) -> Prediction:
+def predict_local(
+    shape: ModelShape,
+    costs: Costs,
+    *,
+    cores: float | None = None,
+    sessions: int = 1,
+    memory_device: str | None = None,
+) -> Prediction:
     s = shape.steps
     reencode = costs.reencode_s if shape.cache_mode == "reencode" else 0.0
     busy = costs.features_s + s * costs.step_s + reencode + costs.decode_s
     caches = 1 if shape.cache_mode == "reencode" else s
-    mem = (
-        (shape.dit_params + shape.vae_params) * shape.bytes
-        + caches * shape.kv_bytes(shape.window_frames, shape.config.num_layers)
-        + shape.kv_bytes(1, shape.config.num_layers)
-        + shape.activation_bytes(costs.device)
+    mem = device_memory(
+        shape,
+        places={FIRST, SINK, DECODE},
+        layers=range(shape.config.num_layers),
+        rings=caches,
+        device=memory_device or costs.device,
+        sessions=sessions,
     )
     return Prediction(
         strategy="local",
@@ -140,14 +170,22 @@ def predict_local(shape: ModelShape, costs: Costs, *, cores: float | None = None
         period_s=busy,
         block_latency_s=busy,
         time_to_first_frame_s=shape.first_block_seconds + busy,
-        memory_gb=[_gb(mem)],
         comm_bytes_per_block=0.0,
         stages_s=[busy],
+        session_open_s=_open_s(costs),
+        **_memory([mem]),
     )
 
 
 def predict_tpp(
-    shape: ModelShape, costs: Costs, devices: int, link: LinkModel, *, cores: float | None = None
+    shape: ModelShape,
+    costs: Costs,
+    devices: int,
+    link: LinkModel,
+    *,
+    cores: float | None = None,
+    sessions: int = 1,
+    memory_device: str | None = None,
 ) -> Prediction:
     from pipelines.executors.tpp import split_steps
 
@@ -165,17 +203,18 @@ def predict_tpp(
     compute = _compute_s(shape, costs, link, messages=ranks + 1)
     period = _bound(compute, len(stages), max(stages), cores)
     latency = sum(stages)
-    L = shape.config.num_layers
     mems = [
-        _gb(
-            (shape.dit_params + shape.vae_params) * shape.bytes
-            + len(r) * shape.kv_bytes(shape.window_frames, L)
-            + shape.kv_bytes(1, L)
-            + shape.activation_bytes(costs.device)
+        device_memory(
+            shape,
+            places={SINK, FIRST} if i == 0 else {SINK},
+            layers=range(shape.config.num_layers),
+            rings=len(r),
+            device=memory_device or costs.device,
+            sessions=sessions,
         )
-        for r in parts
+        for i, r in enumerate(parts)
     ]
-    mems.append(_gb(shape.vae_params * shape.bytes + shape.activation_bytes(costs.device)))
+    mems.append(device_memory(shape, places={DECODE}, layers=None, sessions=sessions))
     idle = devices - 1 - ranks
     return Prediction(
         strategy="tpp",
@@ -185,10 +224,11 @@ def predict_tpp(
         period_s=period,
         block_latency_s=latency,
         time_to_first_frame_s=shape.first_block_seconds + latency,
-        memory_gb=mems,
         comm_bytes_per_block=hop_bytes * ranks,
         stages_s=stages,
         notes=f"{idle} device(s) left idle: at most one rank per step" if idle > 0 else "",
+        session_open_s=_open_s(costs),
+        **_memory(mems),
     )
 
 
@@ -213,7 +253,14 @@ def _dualparal_stages(
 
 
 def predict_dualparal(
-    shape: ModelShape, costs: Costs, devices: int, link: LinkModel, *, cores: float | None = None
+    shape: ModelShape,
+    costs: Costs,
+    devices: int,
+    link: LinkModel,
+    *,
+    cores: float | None = None,
+    sessions: int = 1,
+    memory_device: str | None = None,
 ) -> Prediction:
     if devices < 2:
         raise ConfigError("dualparal needs at least 2 devices")
@@ -232,18 +279,19 @@ def predict_dualparal(
     latency = s * iteration + decode
     h_blocks = shape.window_frames // shape.frames_per_block
     stored = (h_blocks + s) * shape.frames_per_block  # frames of keys/values kept per rank
-    mems = []
-    for i, r in enumerate(parts):
-        params = shape.shared_params + sum(shape.layer_params[j] for j in r)
-        vae = shape.vae_params if i == 0 else 0  # rank 0 encodes the reference
-        mems.append(
-            _gb(
-                (params + vae) * shape.bytes
-                + shape.kv_bytes(stored + 1, len(r))
-                + shape.activation_bytes(costs.device)
-            )
+    mems = [
+        device_memory(
+            shape,
+            places={FIRST, SINK} if i == 0 else set(),  # rank 0 starts the sink pass
+            layers=r,
+            rings=1,
+            frames=stored,
+            device=memory_device or costs.device,
+            sessions=sessions,
         )
-    mems.append(_gb(shape.vae_params * shape.bytes + shape.activation_bytes(costs.device)))
+        for i, r in enumerate(parts)
+    ]
+    mems.append(device_memory(shape, places={DECODE}, layers=None, sessions=sessions))
     extra_audio = (s - 1) * shape.block_seconds
     notes = "a block leaves after S iterations: live audio adds (S-1) block durations of latency"
     if around > s * max(stages):
@@ -256,16 +304,24 @@ def predict_dualparal(
         period_s=period,
         block_latency_s=latency,
         time_to_first_frame_s=shape.first_block_seconds + extra_audio + latency,
-        memory_gb=mems,
         comm_bytes_per_block=s
         * ((ranks - 1) * (shape.hidden_bytes + shape.latent_bytes) + shape.latent_bytes),
         stages_s=busy,
         notes=notes,
+        session_open_s=_open_s(costs),
+        **_memory(mems),
     )
 
 
 def predict_tpp_layers(
-    shape: ModelShape, costs: Costs, devices: int, link: LinkModel, *, cores: float | None = None
+    shape: ModelShape,
+    costs: Costs,
+    devices: int,
+    link: LinkModel,
+    *,
+    cores: float | None = None,
+    sessions: int = 1,
+    memory_device: str | None = None,
 ) -> Prediction | None:
     """TPP whose step stages are each split over several layer ranks (prediction only): with
     timestep forcing every (step, layer range) pair is an independent pipeline stage."""
@@ -282,16 +338,19 @@ def predict_tpp_layers(
             for j, lr in enumerate(lparts):
                 t = len(r) * lstages[j] + (costs.features_s if i == j == 0 else 0.0)
                 stages.append(t)
-                params = shape.shared_params + sum(shape.layer_params[k] for k in lr)
+                places = ({SINK} if j == 0 else set()) | ({FIRST} if i == j == 0 else set())
                 mems.append(
-                    _gb(
-                        params * shape.bytes
-                        + len(r) * shape.kv_bytes(shape.window_frames, len(lr))
-                        + shape.activation_bytes(costs.device)
+                    device_memory(
+                        shape,
+                        places=places,
+                        layers=lr,
+                        rings=len(r),
+                        device=memory_device or costs.device,
+                        sessions=sessions,
                     )
                 )
         stages.append(costs.decode_s)
-        mems.append(_gb(shape.vae_params * shape.bytes))
+        mems.append(device_memory(shape, places={DECODE}, layers=None, sessions=sessions))
         messages = shape.steps * layer_ranks + 1
         compute = _compute_s(shape, costs, link, messages, forward_calls=layer_ranks)
         period = _bound(compute, len(stages), max(stages), cores)
@@ -303,12 +362,13 @@ def predict_tpp_layers(
             period_s=period,
             block_latency_s=sum(stages),
             time_to_first_frame_s=shape.first_block_seconds + sum(stages),
-            memory_gb=mems,
             comm_bytes_per_block=shape.steps * (layer_ranks - 1) * shape.hidden_bytes
             + step_ranks * shape.latent_bytes,
             stages_s=stages,
             runnable=False,
             notes="prediction only: not implemented yet",
+            session_open_s=_open_s(costs),
+            **_memory(mems),
         )
         if best is None or p.fps > best.fps:
             best = p
@@ -322,13 +382,18 @@ def predict_all(
     link: LinkModel,
     *,
     cores: float | None = None,
+    sessions: int = 1,
+    memory_device: str | None = None,
 ) -> list[Prediction]:
-    """Every strategy that can use `devices` devices (local always, as the baseline)."""
-    out = [predict_local(shape, costs, cores=cores)]
+    """Every strategy that can use `devices` devices (local always, as the baseline); memory
+    for `sessions` concurrent sessions on devices of kind `memory_device` ("cuda": no attention
+    score matrix; "cpu": SDPA's math path keeps one; default: the kind the costs came from)."""
+    kw: dict[str, Any] = dict(cores=cores, sessions=sessions, memory_device=memory_device)
+    out = [predict_local(shape, costs, **kw)]
     if devices >= 2:
-        out.append(predict_tpp(shape, costs, devices, link, cores=cores))
-        out.append(predict_dualparal(shape, costs, devices, link, cores=cores))
-        mix = predict_tpp_layers(shape, costs, devices, link, cores=cores)
+        out.append(predict_tpp(shape, costs, devices, link, **kw))
+        out.append(predict_dualparal(shape, costs, devices, link, **kw))
+        mix = predict_tpp_layers(shape, costs, devices, link, **kw)
         if mix is not None:
             out.append(mix)
     return out
@@ -363,11 +428,11 @@ def recommend(
         best = min(ok, key=lambda p: (p.time_to_first_frame_s, p.devices))
         return Recommendation(
             best,
-            f"{best.strategy} keeps up with {target_fps:g} fps ({best.fps:.1f} fps) with the "
+            f"{best.strategy} keeps up with {target_fps:g} fps ({best.fps:.3g} fps) with the "
             f"lowest time to first frame ({best.time_to_first_frame_s:.2f} s)",
         )
     best = max(runnable, key=lambda p: p.fps)
     why = f"nothing reaches {target_fps:g} fps"
     if max_latency_s is not None:
         why += f" within {max_latency_s:g} s to first frame"
-    return Recommendation(best, f"{why}; the fastest is {best.strategy} at {best.fps:.1f} fps")
+    return Recommendation(best, f"{why}; the fastest is {best.strategy} at {best.fps:.3g} fps")

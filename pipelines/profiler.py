@@ -26,6 +26,8 @@ class Costs:
     features_s: float
     reencode_s: float = 0.0  # the clean re-encode pass (reencode mode only)
     forward_fixed_s: float = 0.0  # the part of overhead_s every rank pays per forward call
+    sink_s: float = 0.0  # the sink pass over every layer: once per session (and sink refresh)
+    reference_s: float = 0.0  # encoding a new reference image for the sink (and the decoder)
     device: str = "cpu"
     dtype: str = "float32"
     source: str = ""
@@ -75,77 +77,57 @@ def _median_time(fn: Any, repeats: int, sync: Any) -> float:
 
 def probe_shape(shape: ModelShape, frames: int | None = None, downscale: int = 1) -> ModelShape:
     """A smaller block to time on a slow device: fewer latent frames, a coarser token grid
-    (height and width / downscale, kept divisible by the autoencoder and the patch)."""
+    (height and width / downscale, kept divisible by the autoencoder and the patch, and no
+    smaller than the model's coarsest grid: Live Avatar packs motion tokens at 4x)."""
     unit = shape.spatial_factor * max(shape.config.patch_size[1:])
-    h = max(unit, (shape.height // max(1, downscale)) // unit * unit)
-    w = max(unit, (shape.width // max(1, downscale)) // unit * unit)
+    least = unit * (4 if shape.family == "s2v" else 1)
+    h = max(least, (shape.height // max(1, downscale)) // unit * unit)
+    w = max(least, (shape.width // max(1, downscale)) // unit * unit)
     f = min(frames or shape.frames_per_block, shape.frames_per_block)
     window = shape.window_frames // shape.frames_per_block * f
-    return dataclasses.replace(shape, height=h, width=w, frames_per_block=f, window_frames=window)
+    t = shape.temporal_factor
+    return dataclasses.replace(
+        shape,
+        height=h,
+        width=w,
+        frames_per_block=f,
+        window_frames=window,
+        video_frames=t * f,
+        first_video_frames=1 + t * (f - 1),
+    )
 
 
 def _time_ranges(
     shape: ModelShape, probe: ModelShape, device: torch.device, dtype: torch.dtype, repeats: int
-) -> dict[tuple[int, int], float]:
+) -> tuple[dict[tuple[int, int], float], float, float]:
     """Median seconds of layer ranges of a 4-layer model [plain, audio, plain, plain] with the
-    real widths, on a block of `probe`'s size, with a full history and sink."""
-    from models.dit import AttentionPlan, CausalWanTransformer
-    from models.kv_cache import KVCache
+    real widths, on a block of `probe`'s size with a full history and sink; the sink pass over
+    those 4 layers; and preparing one block's audio (encoder + injector keys/values).
 
-    cfg = shape.config
-    small = dataclasses.replace(cfg, num_layers=4, audio_layers=(1,) if cfg.audio_layers else ())
+    The model is built on the meta device and materialised on `device` (pipelines/probe.py),
+    the same model and block the shape's memory trace runs on meta."""
+    from pipelines.probe import PROBE_LAYERS, build_on_meta, materialize, probe_block, probe_config
+
     torch.manual_seed(0)
-    model = CausalWanTransformer(small).to(device=device, dtype=dtype).eval()
-    f, window = probe.frames_per_block, probe.window_frames
-    h, w = probe.latent_hw
-    latent = torch.randn(1, cfg.in_channels, f, h, w, device=device, dtype=dtype)
-    context = model.prepare_context(torch.randn(1, shape.text_tokens, cfg.text_dim, device=device))
-    audio = None
-    if cfg.audio_layers:
-        feats = torch.randn(1, f, shape.audio_tokens, cfg.audio_dim, device=device, dtype=dtype)
-        audio = model.prepare_audio(feats)
-    cache = KVCache.allocate(
-        layers=4,
-        batch=1,
-        heads=cfg.num_attention_heads,
-        head_dim=cfg.attention_head_dim,
-        tokens_per_frame=probe.tokens_per_frame,
-        window_frames=window,
-        sink_frames=1,
-        frames_per_block=f,
-        device=device,
-        dtype=dtype,
-    )
-    for t in cache.tensors():
-        t.normal_()
-    cache.filled_frames, cache.has_sink = window, True
-    positions = torch.arange(window, window + f, device=device)
-    rope = model.rotary(positions, h, w)
-    plan = AttentionPlan(cache=cache, read_history=True, sink_position=window + 3)
-    timestep = torch.full((1,), 500.0, device=device)
+    model = materialize(build_on_meta(shape, probe_config(shape)), device, dtype)
+    block = probe_block(model, probe, device, dtype, PROBE_LAYERS)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     out: dict[tuple[int, int], float] = {}
     with torch.inference_mode():
         # Any hidden state of the right shape will do as the input of a later layer range.
-        hidden = model(
-            latent, timestep, context, audio=audio, plan=plan, rope=rope, layers=range(1)
-        )
+        hidden = block.forward(model, range(1))
         for a, b in ((0, 1), (1, 2), (2, 3), (3, 4), (0, 4)):
             out[a, b] = _median_time(
-                lambda a=a, b=b: model(
-                    latent,
-                    timestep,
-                    context,
-                    audio=audio,
-                    plan=plan,
-                    rope=rope,
-                    layers=range(a, b),
-                    hidden=hidden if a > 0 else None,
-                ),
-                repeats,
-                sync,
+                lambda a=a, b=b: block.forward(model, range(a, b), hidden), repeats, sync
             )
-    return out
+        sink = _median_time(lambda: block.sink_pass(model), repeats, sync)
+        audio = 0.0
+        if shape.config.audio_layers:
+            from pipelines.probe import audio_features
+
+            feats = audio_features(probe, probe.frames_per_block, device, dtype)
+            audio = _median_time(lambda: model.prepare_audio(feats), repeats, sync)
+    return out, sink, audio
 
 
 def _solve(t: dict[tuple[int, int], float]) -> tuple[float, float, float, float, float]:
@@ -161,6 +143,40 @@ def _solve(t: dict[tuple[int, int], float]) -> tuple[float, float, float, float,
     )
 
 
+def _second_probe(shape: ModelShape, probe: ModelShape, downscale: int) -> ModelShape | None:
+    """A second block size whose FLOPs differ enough from `probe`'s to fit time against
+    FLOPs (smaller first; a model's minimum grid can make the smaller one the same)."""
+    base = sum(layer_flops(probe, audio=False))
+    f = probe.frames_per_block
+    for cand in (
+        probe_shape(shape, 1, 2 * max(1, downscale)),
+        probe_shape(shape, 1, downscale) if f > 1 else None,
+        probe_shape(shape, f + 1, downscale) if f < shape.frames_per_block else None,
+    ):
+        if cand is not None and abs(sum(layer_flops(cand, audio=False)) / base - 1) > 0.25:
+            return cand
+    return None
+
+
+def _rate(points: list[tuple[float, float]]) -> float | None:
+    """Seconds per FLOP of the line through two (FLOPs, seconds) probes, if they differ."""
+    if len(points) < 2 or points[0][0] == points[1][0]:
+        return None
+    (f1, t1), (f2, t2) = points
+    return max(0.0, (t2 - t1) / (f2 - f1))
+
+
+def _fit(points: list[tuple[float, float]], target: float, rate: float | None = None) -> float:
+    """Time at `target` FLOPs on the line time = fixed + rate * FLOPs through two probes; with
+    probes of equal FLOPs, on the line of slope `rate` through the first (another layer kind's
+    rate); with neither, proportional."""
+    rate = _rate(points) if _rate(points) is not None else rate
+    f1, t1 = points[0]
+    if rate is None:
+        return t1 * target / f1
+    return max(0.0, t1 - rate * f1) + rate * target
+
+
 def profile_costs(
     shape: ModelShape,
     *,
@@ -173,7 +189,8 @@ def profile_costs(
 ) -> Costs:
     """Time single layers of the model's real sizes on `device` (random weights: speed does not
     depend on values); timing layer ranges of a 4-layer model separates one plain layer, one
-    audio layer, the embedding, the head and the fixed per-forward overhead.
+    audio layer, the embedding, the head and the fixed per-forward overhead. The sink pass
+    (once per session) is timed on the same 4 layers and scaled to all of them.
 
     With `frames` < F or `downscale` > 1 a smaller block is timed (a big model on a slow device):
     two probe sizes fit time = fixed + per-FLOP cost per layer, extrapolated to the real block.
@@ -182,40 +199,43 @@ def profile_costs(
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = shape.config
     has_audio = bool(cfg.audio_layers)
+    L = cfg.num_layers
     probe = probe_shape(shape, frames, downscale)
-    c, audio_layer, plain, embed, head = _solve(_time_ranges(shape, probe, device, dtype, repeats))
+    ranges, sink4, audio_prep = _time_ranges(shape, probe, device, dtype, repeats)
+    c, audio_layer, plain, embed, head = _solve(ranges)
+    per_layer_sink = sink4 / 4
+    what = "the real block"
     if probe != shape:
-        small = probe_shape(shape, 1, 2 * max(1, downscale))
-        c2, audio2, plain2, _, _ = _solve(_time_ranges(shape, small, device, dtype, repeats))
-
-        def extrapolate(t_big: float, t_small: float, audio: bool) -> float:
-            f_big, f_small = (
-                sum(layer_flops(probe, audio=audio)),
-                sum(layer_flops(small, audio=audio)),
-            )
-            f_real = sum(layer_flops(shape, audio=audio))
-            per_flop = max(0.0, (t_big - t_small) / max(1.0, f_big - f_small))
-            fixed = max(0.0, t_big - per_flop * f_big)
-            return fixed + per_flop * f_real
-
-        plain = extrapolate(plain, plain2, False)
-        audio_layer = extrapolate(audio_layer, audio2, True)
+        second = _second_probe(shape, probe, downscale)
+        plain_pts = [(sum(layer_flops(probe, audio=False)), plain)]
+        audio_pts = [(sum(layer_flops(probe, audio=True)), audio_layer)]
+        sink_pts = [(sum(sink_flops(probe)), per_layer_sink)]
+        if second is not None:
+            ranges2, sink2, _ = _time_ranges(shape, second, device, dtype, repeats)
+            _, audio2, plain2, _, _ = _solve(ranges2)
+            plain_pts.append((sum(layer_flops(second, audio=False)), plain2))
+            audio_pts.append((sum(layer_flops(second, audio=True)), audio2))
+            sink_pts.append((sum(sink_flops(second)), sink2 / 4))
+        plain = _fit(plain_pts, sum(layer_flops(shape, audio=False)))
+        audio_layer = _fit(audio_pts, sum(layer_flops(shape, audio=True)))
+        # the sink's tokens run plain layers: without a second sink size, the plain layers' rate
+        per_layer_sink = _fit(sink_pts, sum(sink_flops(shape)), _rate(plain_pts))
         tokens = shape.tokens_per_block / probe.tokens_per_block
         embed, head = embed * tokens, head * tokens
+        what = (
+            f"{probe.frames_per_block} latent frames at {probe.width}x{probe.height}, "
+            "extrapolated by FLOPs"
+        )
     if not has_audio:
         audio_layer = plain
     overhead = c + embed + head
     n_audio = len(cfg.audio_layers)
-    step = overhead + n_audio * audio_layer + (cfg.num_layers - n_audio) * plain
-    decode_s, features_s = (0.0, 0.0)
+    step = overhead + n_audio * audio_layer + (L - n_audio) * plain
+    decode_s = features_s = reference_s = 0.0
     if decode:
-        decode_s, features_s = _profile_vae_and_audio(shape, device, dtype, repeats, downscale)
-    what = (
-        "the real block"
-        if probe == shape
-        else f"{probe.frames_per_block} latent frames at {probe.width}x{probe.height}, "
-        "extrapolated by FLOPs"
-    )
+        decode_s, features_s, reference_s = _profile_vae_and_audio(
+            shape, device, dtype, repeats, downscale
+        )
     return Costs(
         step_s=step,
         layer_plain_s=plain,
@@ -223,8 +243,10 @@ def profile_costs(
         overhead_s=overhead,
         forward_fixed_s=c,
         decode_s=decode_s,
-        features_s=features_s,
+        features_s=features_s + audio_prep,
         reencode_s=step,
+        sink_s=c + L * per_layer_sink,
+        reference_s=reference_s,
         device=str(device),
         dtype=str(dtype).replace("torch.", ""),
         source=f"profiled on {device}, {what}, {torch.get_num_threads()} threads",
@@ -232,11 +254,21 @@ def profile_costs(
 
 
 def layer_flops(shape: ModelShape, *, audio: bool) -> tuple[float, float]:
-    """(matmul FLOPs, attention FLOPs) of one layer's forward of one block of `shape`."""
+    """(matmul FLOPs, attention FLOPs) of one layer's forward of one block of `shape`: its
+    tokens attend to the sink, the history window and themselves."""
+    n = shape.frames_per_block * shape.tokens_per_frame
+    kv = shape.sink_tokens + (shape.window_frames + shape.frames_per_block) * shape.tokens_per_frame
+    return _layer_flops(shape, n, kv, audio)
+
+
+def sink_flops(shape: ModelShape) -> tuple[float, float]:
+    """FLOPs of one layer of the sink pass: the sink's tokens attend only to each other."""
+    return _layer_flops(shape, shape.sink_tokens, shape.sink_tokens, False)
+
+
+def _layer_flops(shape: ModelShape, n: int, kv: int, audio: bool) -> tuple[float, float]:
     cfg = shape.config
-    d, tpf = cfg.inner_dim, shape.tokens_per_frame
-    n = shape.frames_per_block * tpf
-    kv = (1 + shape.window_frames + shape.frames_per_block) * tpf
+    d = cfg.inner_dim
     lin = 2 * n * d * d * 4 + 2 * n * d * d * 2 + 2 * 2 * n * d * cfg.ffn_dim
     attn = 4 * n * kv * d + 4 * n * shape.text_tokens * d
     if audio:
@@ -245,24 +277,21 @@ def layer_flops(shape: ModelShape, *, audio: bool) -> tuple[float, float]:
     return float(lin), float(attn)
 
 
-def _flop_ratio(shape: ModelShape, probe: ModelShape, *, audio: bool) -> float:
-    return sum(layer_flops(shape, audio=audio)) / sum(layer_flops(probe, audio=audio))
-
-
 def _profile_vae_and_audio(
     shape: ModelShape,
     device: torch.device,
     dtype: torch.dtype,
     repeats: int,
     downscale: int = 1,
-) -> tuple[float, float]:
-    """Decode of one steady-state block with the model's autoencoder, and the audio features of
-    one steady-state block. With `downscale` the decode runs on a latent that much smaller per
-    side and is scaled by the pixel count (a convolutional decoder's cost is proportional)."""
-    import numpy as np
+) -> tuple[float, float, float]:
+    """(decode of one steady-state block, audio features of one steady-state block, encoding
+    a new reference image). With `downscale` the VAE runs on a latent that much smaller per
+    side and is scaled by the pixel count (a convolutional network's cost is proportional).
 
-    from models.audio import build_audio_encoder
-
+    Live Avatar's reference is the image repeated 5 times and 5 x 73 times, encoded 1 + 4
+    frames at a time, and primes the decoder with 7 motion latents (LiveAvatarVAE keeps the
+    last few images' latents, so a returning avatar skips this); its audio features are
+    wav2vec2's hidden states of the block's audio."""
     full_h, full_w = shape.latent_hw
     k = max(1, int(downscale))
     h, w = max(2, full_h // k), max(2, full_w // k)
@@ -270,8 +299,11 @@ def _profile_vae_and_audio(
         from diffusers import AutoencoderKLWan
 
         from models.vae import WanStreamingVAE
+        from pipelines.probe import materialize
 
-        vae = WanStreamingVAE(AutoencoderKLWan().eval())
+        with torch.device("meta"):
+            net = AutoencoderKLWan.from_config(shape.vae_config or {}).eval()
+        vae = WanStreamingVAE(materialize(net, device, dtype))
     else:
         from models.vae import TinyAutoencoder
 
@@ -282,13 +314,56 @@ def _profile_vae_and_audio(
         1, shape.latent_channels, shape.frames_per_block, h, w, device=device, dtype=dtype
     )
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    few = max(1, repeats // 2)
+    pixels = (full_h * full_w) / (h * w)
+    s, t = shape.spatial_factor, shape.temporal_factor
+    image = torch.rand(1, 3, h * s, w * s, device=device, dtype=dtype) * 2 - 1
     with torch.inference_mode():
         vae.decode_block(z, state)  # the stream's first block is shorter: time the later ones
-        decode = _median_time(lambda: vae.decode_block(z, state), max(1, repeats // 2), sync)
-    decode *= (full_h * full_w) / (h * w)
+        decode = _median_time(lambda: vae.decode_block(z, state), few, sync) * pixels
+        one = _median_time(lambda: vae.encode_image(image), few, sync)
+        if shape.family == "s2v":
+            from models.liveavatar import DECODE_PRIME_LATENTS, MOTION_FRAMES, REFERENCE_REPEAT
+
+            clip = image[:, :, None].repeat(1, 1, 1 + t, 1, 1)
+            chunk = max(0.0, _median_time(lambda: vae.encode_video(clip), few, sync) - one)
+            videos = (REFERENCE_REPEAT, REFERENCE_REPEAT * MOTION_FRAMES)
+            reference = sum(one + (n - 1) // t * chunk for n in videos) * pixels
+            # the decoder's cache is primed with the first motion latents
+            reference += decode * DECODE_PRIME_LATENTS / shape.frames_per_block
+        else:
+            reference = one * pixels
+    features = _profile_features(shape, device, dtype, repeats)
+    return decode, features, reference
+
+
+def _profile_features(
+    shape: ModelShape, device: torch.device, dtype: torch.dtype, repeats: int
+) -> float:
+    """Audio features of one steady-state block: wav2vec2 with every hidden state for Live
+    Avatar (random weights, its real size), the log-mel front end otherwise."""
+    import numpy as np
+
+    from models.audio import build_audio_encoder
+
+    rng = np.random.default_rng(0)
+    wav2vec = next((c for c in shape.components if c.name == "wav2vec2"), None)
+    if wav2vec is not None and wav2vec.config is not None:
+        from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+        from pipelines.probe import materialize
+
+        with torch.device("meta"):
+            model = Wav2Vec2Model(Wav2Vec2Config(**wav2vec.config)).eval()
+        model = materialize(model, device, dtype)
+        samples = round(shape.video_frames / shape.fps * 16000)
+        x = torch.from_numpy(rng.standard_normal((1, samples)).astype(np.float32))
+        x = x.to(device=device, dtype=dtype)
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        with torch.inference_mode():
+            return _median_time(lambda: model(x, output_hidden_states=True), repeats, sync)
     enc = build_audio_encoder("logmel", n_mels=40, tokens_per_latent_frame=shape.audio_tokens or 4)
     sr, a_state = enc.sample_rate, enc.new_state()
-    rng = np.random.default_rng(0)
 
     def window(frames: int) -> np.ndarray:
         return rng.standard_normal(round(frames / shape.fps * sr)).astype(np.float32) * 0.1
@@ -297,9 +372,8 @@ def _profile_vae_and_audio(
         window(shape.first_video_frames), shape.first_video_frames, shape.frames_per_block, a_state
     )
     audio = window(shape.video_frames)
-    features = _median_time(
+    return _median_time(
         lambda: enc.encode(audio, shape.video_frames, shape.frames_per_block, a_state),
         repeats,
         lambda: None,
     )
-    return decode, features

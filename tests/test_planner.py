@@ -203,7 +203,7 @@ def test_profiler_times_the_wan_vae_and_audio_of_a_steady_block():
 
     wan = planner.model_shape("wan-1.3b", dtype="float32", cache_mode="timestep_forcing")
     assert wan.vae_kind == "wan" and wan.video_frames != wan.first_video_frames
-    decode, features = _profile_vae_and_audio(
+    decode, features, reference = _profile_vae_and_audio(
         wan, torch.device("cpu"), torch.float32, repeats=2, downscale=30
     )
-    assert decode > 0 and features > 0
+    assert decode > 0 and features > 0 and reference > 0

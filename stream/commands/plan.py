@@ -3,6 +3,8 @@
     diffstream plan --model wan-14b --devices 5 --link-gbps 400
     diffstream plan --model wan-14b --devices 5 --bench-json bench.json --device-memory-gb 80
     diffstream plan --model tiny --devices cpu:3 --cores 2        # CPU workers sharing 2 cores
+    diffstream plan --model liveavatar-14b --devices 5            # Live Avatar, 704x384
+    diffstream plan --model liveavatar:/ckpt/Wan2.2-S2V-14B --devices 5 --width 832 --height 480
 
 Costs come from `diffstream bench --json` output when given, otherwise from a short profile of
 single layers of the model's real sizes on --profile-device (see pipelines/planner.py).
@@ -59,8 +61,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--cache-mode",
         choices=("reencode", "timestep_forcing"),
         default=None,
-        help="the local executor's cache mode (default: the bench file's, else reencode; tpp "
-        "always uses timestep forcing)",
+        help="the local executor's cache mode (default: the bench file's, else the model's own: "
+        "timestep forcing for Live Avatar, reencode otherwise; tpp always uses timestep forcing)",
+    )
+    p.add_argument("--sessions", type=int, default=1, help="concurrent sessions (memory)")
+    p.add_argument(
+        "--text-encoder",
+        choices=("keep", "offload", "cpu", "free"),
+        default="keep",
+        help="Live Avatar's umT5: on the first rank's device (keep, offload) or on none (cpu, free)",
     )
     p.add_argument("--cores", type=int, default=None, help="CPU cores the devices share (cpu:N)")
     p.add_argument("--target-fps", type=float, default=None, help="default: the model's fps")
@@ -97,8 +106,12 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from models.errors import ConfigError
+
     n, cpu = _device_count(args.devices)
     cores = args.cores or ((os.cpu_count() or 1) if cpu else None)
+    if args.sessions < 1:
+        raise ConfigError("--sessions must be at least 1")
     if args.bench_json:
         with open(args.bench_json) as f:
             bench = json.load(f)
@@ -109,7 +122,8 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
             width=args.width or (bench.get("resolution") or [None, None])[0],
             steps=args.steps or bench.get("steps"),
             dtype=dtype,
-            cache_mode=args.cache_mode or bench.get("cache_mode") or "reencode",
+            cache_mode=args.cache_mode or bench.get("cache_mode"),
+            text_encoder=args.text_encoder,
         )
         costs = planner.costs_from_bench(bench, shape)
     else:
@@ -121,7 +135,8 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
             width=args.width,
             steps=args.steps,
             dtype=dtype,
-            cache_mode=args.cache_mode or "reencode",
+            cache_mode=args.cache_mode,
+            text_encoder=args.text_encoder,
         )
         costs = planner.profile_costs(
             shape,
@@ -136,7 +151,16 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         costs.decode_s = args.decode_ms / 1000
         costs.source += "; decode given"
     link = planner.LinkModel(gbps=args.link_gbps, latency_s=args.link_latency_us * 1e-6)
-    preds = planner.predict_all(shape, costs, n, link, cores=cores)
+    # Memory of the devices planned for: CPU processes, or accelerators (no score matrix).
+    preds = planner.predict_all(
+        shape,
+        costs,
+        n,
+        link,
+        cores=cores,
+        sessions=args.sessions,
+        memory_device="cpu" if cpu else "cuda",
+    )
     target = args.target_fps or shape.fps
     rec = planner.recommend(
         preds,
@@ -151,12 +175,19 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
             "dim": shape.config.inner_dim,
             "params_m": shape.dit_params / 1e6,
             "resolution": [shape.width, shape.height],
+            "tokens_per_frame": shape.tokens_per_frame,
+            "sink_tokens": shape.sink_tokens,
             "tokens_per_block": shape.tokens_per_block,
             "steps": shape.steps,
             "fps": shape.fps,
             "video_frames_per_block": shape.video_frames,
             "dtype": shape.dtype,
+            "cache_mode": shape.cache_mode,
+            "components": {c.name: c.params / 1e6 for c in shape.components},
+            "vae_params_m": shape.vae_params / 1e6,
+            "notes": list(shape.notes),
         },
+        "sessions": args.sessions,
         "costs": costs.to_dict(),
         "link": {"gbps": link.gbps, "latency_s": link.latency_s},
         "devices": n,
@@ -180,17 +211,27 @@ def run(args: argparse.Namespace) -> int:
     ms = 1000
     print(
         f"model {m['name']}: {m['params_m']:.0f}M params, {m['layers']} layers, dim {m['dim']}, "
-        f"{m['resolution'][0]}x{m['resolution'][1]}, {m['tokens_per_block']} tokens/block, "
-        f"{m['steps']} steps, {m['video_frames_per_block']} frames/block at {m['fps']:g} fps, {m['dtype']}"
+        f"{m['resolution'][0]}x{m['resolution'][1]}, {m['tokens_per_block']} tokens/block "
+        f"(sink {m['sink_tokens']}), {m['steps']} steps, {m['video_frames_per_block']} "
+        f"frames/block at {m['fps']:g} fps, {m['dtype']}, {m['cache_mode']}"
     )
+    if m["components"]:
+        parts = ", ".join(f"{k} {v:.0f}M" for k, v in m["components"].items())
+        print(f"beside it: VAE {m['vae_params_m']:.0f}M, {parts}")
+    for note in m["notes"]:
+        print(f"note: {note}")
     print(
         f"costs ({c['source']}): step {c['step_s'] * ms:.2f} ms (layer {c['layer_plain_s'] * ms:.3f}"
         f"/{c['layer_audio_s'] * ms:.3f} ms without/with audio, overhead {c['overhead_s'] * ms:.2f} ms), "
-        f"decode {c['decode_s'] * ms:.2f} ms, features {c['features_s'] * ms:.2f} ms"
+        f"decode {c['decode_s'] * ms:.2f} ms, features {c['features_s'] * ms:.2f} ms; per session: "
+        f"sink pass {c['sink_s'] * ms:.2f} ms, reference encode {c['reference_s'] * ms:.2f} ms"
     )
     link = out["link"]
     shared = f", {out['cores']} shared cores" if out["cores"] else ""
-    print(f"link {link['gbps']:g} Gb/s, {link['latency_s'] * 1e6:g} µs per message{shared}\n")
+    print(
+        f"link {link['gbps']:g} Gb/s, {link['latency_s'] * 1e6:g} µs per message{shared}; "
+        f"memory for {out['sessions']} session(s)\n"
+    )
     print(
         f"{'strategy':<11} {'devices':>7}  {'layout':<32} {'fps':>7} {'latency':>9} {'TTFF':>8}  memory/device (GiB)"
     )
@@ -204,4 +245,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{'':<21}note: {p['notes']}")
     rec = out["recommendation"]
     print(f"\ntarget {out['target_fps']:g} fps -> {rec['strategy'] or 'none'}: {rec['reason']}")
+    chosen = next((p for p in out["predictions"] if p["strategy"] == rec["strategy"]), None)
+    if chosen is not None:
+        print(f"\n{chosen['strategy']} memory per device (GiB):")
+        for i, parts in enumerate(chosen["memory_parts"]):
+            items = ", ".join(f"{k} {v:.3g}" for k, v in parts.items() if v > 0)
+            print(f"  {i}: {items}")
     return 0
