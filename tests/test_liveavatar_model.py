@@ -337,3 +337,14 @@ def test_bench_runs_the_random_weight_model_the_gpu_measurement_uses():
     assert r["frames_per_block"] == 12 and r["resolution"] == [64, 64]
     assert r["new_reference_s"] > r["block_s"]  # 92 encoder passes vs one block
     assert r["time_to_first_frame_s"] > 0 and r["peak_memory_mb"] > 0
+
+
+def test_serve_refuses_a_broken_folder_before_listening(tiny, tmp_path):
+    """The service's startup error for a missing shard: exit 2, the last line names the shard,
+    no traceback (the worker process reports the same line on its way out)."""
+    base = _broken(tiny, tmp_path, "missing_shard")
+    out = cli("serve", "--model", f"liveavatar:{base}", "--port", "0", "--height", "64")
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("diffstream serve: error:") and "is missing" in last, last
