@@ -6,6 +6,8 @@ Names:
   tiny           a small randomly initialised config (seeded, so the same on every machine)
   wan-1.3b       Wan 2.1 1.3B architecture with random weights and Wan's VAE (benchmarks)
   wan-14b        Wan 14B (dim 5120, 40 layers) architecture with random weights (benchmarks)
+  av-probe       a test instrument: each frame's brightness is the loudness of the audio that
+                 drove it (models/av_probe.py), for checking A/V pairing end to end
   liveavatar:DIR Live Avatar: the Wan2.2-S2V-14B folder as released (models/liveavatar.py),
                  with its LoRA folder given as the `lora` load option (--lora)
 Paths:
@@ -124,8 +126,10 @@ def _logmel(**kw: Any):
 
 
 def build_tiny(seed: int = 0, **overrides: Any) -> ModelBundle:
-    """The tiny random config: 2 layers, 128x128, audio at both layers; same weights everywhere."""
+    """The tiny random config: 2 layers, 128x128, audio at every layer; same weights everywhere.
+    `overrides` replace tiny_config fields (num_layers, audio_layers, ...)."""
     torch.manual_seed(seed)
+    overrides.setdefault("audio_layers", tuple(range(overrides.get("num_layers", 2))))
     audio_cfg = {"name": "logmel", "n_mels": 40, "tokens_per_latent_frame": 4}
     audio = _logmel(**{k: v for k, v in audio_cfg.items() if k != "name"})
     vae_cfg: dict[str, Any] = {"latent_channels": 8}
@@ -135,7 +139,6 @@ def build_tiny(seed: int = 0, **overrides: Any) -> ModelBundle:
         in_channels=8,
         out_channels=8,
         audio_dim=audio.feature_dim,
-        audio_layers=(0, 1),
         **overrides,
     )
     dit = CausalWanTransformer(cfg).eval()
@@ -316,7 +319,7 @@ def load_diffusers_wan(path: Path) -> ModelBundle:
     )
 
 
-NAMES = ("default", "tiny", "wan-1.3b", "wan-14b", "liveavatar-14b", "liveavatar-tiny")
+NAMES = ("default", "tiny", "wan-1.3b", "wan-14b", "liveavatar-14b", "liveavatar-tiny", "av-probe")
 LIVEAVATAR_PREFIX = "liveavatar:"
 # Options of load_model (and of --model on the command line) beyond the model's name.
 LOAD_OPTIONS = ("lora", "lora_mode", "lora_alpha", "text_encoder", "audio_context_frames")
@@ -441,6 +444,10 @@ def load_model(
         return bundle
     if name_or_path == "tiny":
         return build_tiny()
+    if name_or_path == "av-probe":  # a test instrument (models/av_probe.py)
+        from models.av_probe import build_av_probe
+
+        return build_av_probe()
     if name_or_path in ("wan-1.3b", "wan-14b"):
         return build_wan_random(name_or_path.split("-")[1])
     path = Path(name_or_path).expanduser()

@@ -51,6 +51,7 @@ from stream.webrtc import OfferError, ViewerConflict, answer_offer
 log = logging.getLogger(__name__)
 
 SAMPLE_AUDIO = "sample.ogg"
+ENGINE_STATS_TIMEOUT_S = 2.0  # a scrape waits this long for the engine's own figures
 
 
 def load_engine(settings: Settings) -> Executor:
@@ -191,7 +192,7 @@ def _install_routes(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -
 
     app.mount("/static", StaticFiles(directory=web_dir), name="static")
 
-    @app.get("/v1/sample-audio", tags=["demo"], response_class=FileResponse)
+    @app.get("/v1/sample-audio", tags=["demo"], dependencies=auth, response_class=FileResponse)
     async def sample_audio() -> FileResponse:
         """A few seconds of speech for demos (`/?autostart=1&audio=/v1/sample-audio`)."""
         return FileResponse(web_dir / SAMPLE_AUDIO, media_type="audio/ogg")
@@ -203,12 +204,12 @@ def _install_routes(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -
             return {}
         return {p.name: p for p in sorted(refs_dir.glob("*.png"))}
 
-    @app.get("/v1/references", tags=["demo"])
+    @app.get("/v1/references", tags=["demo"], dependencies=auth)
     async def list_references() -> list[dict[str, str]]:
         """Sample reference images shipped with the default model, for the page to offer."""
         return [{"name": n, "url": f"/v1/references/{n}"} for n in shipped_references()]
 
-    @app.get("/v1/references/{name}", tags=["demo"], response_class=FileResponse)
+    @app.get("/v1/references/{name}", tags=["demo"], dependencies=auth, response_class=FileResponse)
     async def get_reference(name: str, request: Request) -> Response:
         """A shipped reference image; `default` is the one sessions without an image get."""
         if name == "default":
@@ -233,16 +234,21 @@ def _install_routes(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -
             "executor": settings.executor,
             "sessions": len(sessions.sessions) if sessions else 0,
             "max_sessions": settings.max_sessions,
+            "workers": executor.pids() if executor is not None else [],
             "tasks": len(asyncio.all_tasks()),
             "threads": threading.active_count(),
         }
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        executor = getattr(request.app.state, "executor", None)
+        if executor is not None:  # asked now: the workers' own count, not the service's
+            held = await asyncio.to_thread(executor.held_sessions, ENGINE_STATS_TIMEOUT_S)
+            metrics.set_engine_sessions(held)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/config", tags=["sessions"])
+    @app.get("/v1/config", tags=["sessions"], dependencies=auth)
     async def client_config(request: Request) -> dict[str, Any]:
         """What a client needs before it starts: whether a token is needed, the model's shape."""
         info = request.app.state.executor.info

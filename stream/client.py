@@ -20,6 +20,13 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+# What aiortc's receiver holds back before a frame reaches `track.recv()` (rtcrtpreceiver.py,
+# jitterbuffer.py): the audio jitter buffer releases a packet once 4 more have arrived
+# (prefetch=4, 20 ms each); the video one releases a frame when the next frame's first packet
+# arrives, one frame period later. Arrival minus hold is when the media reached the receiver.
+AUDIO_RECEIVER_HOLD_S = 4 * 0.020
+VIDEO_RECEIVER_HOLD_FRAMES = 1
+
 
 class ServiceError(Exception):
     """An HTTP error from the service, with its status and the `detail` it sent."""
@@ -76,6 +83,7 @@ class Received:
     """Everything the client got, with arrival times on time.monotonic()."""
 
     video: list[tuple[float, int]] = field(default_factory=list)  # (arrival, pts at 90 kHz)
+    video_means: list[float] = field(default_factory=list)  # mean RGB value per frame, when kept
     audio: list[tuple[float, int, float]] = field(default_factory=list)  # (arrival, pts, rms)
     audio_pcm: list[np.ndarray] = field(default_factory=list)  # mono int16 chunks, when kept
     stats: list[dict[str, Any]] = field(default_factory=list)
@@ -86,11 +94,17 @@ class AvatarClient:
     """One session seen from outside: HTTP for control, WebRTC to watch, websocket to talk."""
 
     def __init__(
-        self, base_url: str, *, token: str | None = None, keep_audio: bool = False
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        keep_audio: bool = False,
+        keep_video_means: bool = False,
     ) -> None:
         self.base = base_url.rstrip("/")
         self.token = token
         self.keep_audio = keep_audio
+        self.keep_video_means = keep_video_means
         self.session_id: str | None = None
         self.session: dict[str, Any] = {}
         self.pc: RTCPeerConnection | None = None
@@ -142,6 +156,9 @@ class AvatarClient:
             while True:
                 frame = await track.recv()
                 self.received.video.append((time.monotonic(), int(frame.pts)))
+                if self.keep_video_means:
+                    rgb = frame.to_ndarray(format="rgb24")
+                    self.received.video_means.append(float(rgb.mean()))
                 if len(self.received.video) % 25 == 1:
                     self.received.last_frame = frame.to_ndarray(format="rgb24")
                 self.first_video.set()
@@ -233,20 +250,39 @@ class AvatarClient:
         n = sum(1 for t, _ in self.received.video if since <= t < until)
         return n / max(1e-9, until - since)
 
+    def receiver_holds(self) -> tuple[float, float]:
+        """(video, audio) seconds aiortc's receiver holds a frame back (see the constants)."""
+        fps = float(self.session.get("fps") or 25.0)
+        return VIDEO_RECEIVER_HOLD_FRAMES / fps, AUDIO_RECEIVER_HOLD_S
+
+    def media_origins(self) -> tuple[float, float]:
+        """(video, audio): the arrival time (time.monotonic) at which each track's media time 0
+        (its first received frame) reached this receiver, from the least-delayed frame of the
+        track less the receiver's hold; a frame with pts p was due at origin + p in seconds.
+        Network and decoding only add delay, so the least-delayed frame is the one on time."""
+        v, a = self.received.video, self.received.audio
+        hold_v, hold_a = self.receiver_holds()
+        v0, a0 = v[0][1], a[0][1]
+        video = min(t - (p - v0) / 90000.0 for t, p in v) - hold_v
+        audio = min(t - (p - a0) / 48000.0 for t, p, _ in a) - hold_a
+        return video, audio
+
     def av_offsets(self, window_s: float = 1.0) -> list[float]:
         """Per window of arrival time: video's delay minus audio's delay, in seconds.
 
-        A track's delay is arrival time minus media time (pts since its first frame); positive
-        means video arrives later than the audio of the same instant. Both tracks start at the
-        same media instant on the server's shared clock, so a correct stream stays near zero.
-        The least-delayed frame of each window is used: network and decoding only add delay.
+        A track's delay is arrival time minus media time (pts since its first frame) minus what
+        the receiver holds back; positive means video arrives later than the audio of the same
+        instant. Both tracks start at the same media instant on the server's shared clock, so a
+        correct stream stays near zero. The least-delayed frame of each window is used: network
+        and decoding only add delay.
         """
         v, a = self.received.video, self.received.audio
         if len(v) < 2 or len(a) < 2:
             return []
         v0, a0 = v[0][1], a[0][1]
-        va = np.array([t - (p - v0) / 90000.0 for t, p in v])  # arrival minus media time
-        aa = np.array([t - (p - a0) / 48000.0 for t, p, _ in a])
+        hold_v, hold_a = self.receiver_holds()
+        va = np.array([t - hold_v - (p - v0) / 90000.0 for t, p in v])  # arrival minus media
+        aa = np.array([t - hold_a - (p - a0) / 48000.0 for t, p, _ in a])
         vt = np.array([t for t, _ in v])
         at = np.array([t for t, _, _ in a])
         out = []

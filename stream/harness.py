@@ -7,12 +7,15 @@ GIL (on a 2-core machine that matters), and lets callers read its thread count a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +106,12 @@ class ServiceProcess:
 
     # What an operator can see from outside -----------------------------------------------------
 
-    def proc_status(self) -> dict[str, int]:
-        """Threads and resident memory (kB) from /proc/<pid>/status."""
+    def proc_status(self, pid: int | None = None) -> dict[str, int]:
+        """Threads and resident memory (kB) from /proc/<pid>/status: the service's process, or
+        another one such as the engine's worker (`worker_pids`)."""
         assert self.proc is not None
         out: dict[str, int] = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid or self.proc.pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
             if key in ("Threads", "VmRSS"):
                 out[key] = int(value.split()[0])
@@ -115,6 +119,29 @@ class ServiceProcess:
 
     def health(self) -> dict[str, Any]:
         return http("GET", f"{self.base}/healthz")[1]
+
+    def health_status(self) -> tuple[int, dict[str, Any]]:
+        """(status, body) of /healthz, whether 200 or 503."""
+        try:
+            with urllib.request.urlopen(f"{self.base}/healthz", timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def worker_pids(self) -> list[int]:
+        """The engine's worker processes, as /healthz lists them (none while it is down)."""
+        return list(self.health_status()[1].get("workers", []))
+
+    def engine_sessions(self) -> list[int] | None:
+        """Sessions each engine rank says it holds (diffstream_engine_sessions), rank by rank;
+        None when the engine did not answer the scrape."""
+        samples = self.metrics()
+        ranks = sorted(
+            (int(k.split('rank="')[1].split('"')[0]), int(v))
+            for k, v in samples.items()
+            if k.startswith("diffstream_engine_sessions{")
+        )
+        return [count for _, count in ranks] or None
 
     def metrics(self) -> dict[str, float]:
         """Prometheus samples as {name{labels}: value}."""

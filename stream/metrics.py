@@ -97,8 +97,21 @@ class ServiceMetrics:
             ["kind"],
             registry=r,
         )
+        self.engine_sessions = Gauge(
+            "diffstream_engine_sessions",
+            "Sessions whose state each engine rank holds, as the rank counts them (read at "
+            "scrape time); above diffstream_active_sessions for long means leaked engine state",
+            ["rank"],
+            registry=r,
+        )
         for queue in ("audio_seconds", "frames", "blocks_in_flight"):
             self.queue_depth.labels(queue=queue).set(0)
+
+    def set_engine_sessions(self, held: list[int] | None) -> None:
+        """One sample per engine rank; none when the engine did not answer in time."""
+        self.engine_sessions.clear()
+        for rank, count in enumerate(held or []):
+            self.engine_sessions.labels(rank=str(rank)).set(count)
 
     def render(self) -> bytes:
         """The text exposition format of this app's registry."""

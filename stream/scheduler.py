@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.audio import StreamingResampler
+from models.errors import DiffstreamError
 from pipelines.executors.base import Executor, ExecutorBusy, ModelInfo
 from pipelines.messages import BlockRequest, BlockResult
 from stream.ingest import AudioIngest, AudioWindow
@@ -239,6 +240,9 @@ class BlockScheduler:
             cf = self.executor.submit(request)
         except ExecutorBusy:
             self._held = window
+            return False
+        except DiffstreamError as exc:  # e.g. the worker died while no block was in flight
+            self._fail(f"generation failed: {exc}")
             return False
         self._held = None
         future = asyncio.wrap_future(cf)

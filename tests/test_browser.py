@@ -256,3 +256,56 @@ def test_microphone_audio_reaches_the_service(service: ServiceProcess) -> None:
     # 4 s of mono float32 at the context's rate (44.1 or 48 kHz) is at least 600 kB.
     assert received >= 600_000, f"only {received:.0f} bytes of microphone audio arrived"
     assert state["stats"]["latency_ms"] is not None  # the beeps drove frames
+
+
+def test_the_page_asks_for_the_token_and_sends_it_on_every_call(tmp_path: Path) -> None:
+    """A service with --auth-token, where every /v1 route wants the token: opened without it, the
+    page asks for it (its /v1/config call gets 401); once typed, the reference thumbnails load,
+    Connect streams and Play sample fetches the sample audio, all with the token. Fails if the
+    page calls a /v1 route without the token it has (e.g. `<img src>` for the thumbnails or a
+    bare fetch of the sample audio: their 401s leave images unloaded and no audio sent)."""
+    from playwright.sync_api import sync_playwright
+
+    token = "page-t0ken"
+    flags = ("--auth-token", token, "--max-sessions", "1")
+    with (
+        ServiceProcess(*flags, log_path=tmp_path / "serve.log") as svc,
+        sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(svc.base + "/")
+            page.wait_for_selector("#token-row", state="visible", timeout=15_000)
+            assert "needs a token" in page.inner_text("#status")
+            page.fill("#token", token)
+            page.dispatch_event("#token", "change")
+            page.wait_for_function(
+                """() => {
+                    const imgs = [...document.querySelectorAll('#references img')];
+                    return imgs.length >= 2 && imgs.every((i) => i.complete && i.naturalWidth > 0);
+                }""",
+                timeout=15_000,
+            )
+            page.click("#connect")
+            page.wait_for_function("window.diffstream.status === 'connected'", timeout=30_000)
+            page.click("#sample")
+            page.wait_for_function(
+                "window.diffstream.audioSentSeconds > 2 && window.diffstream.presentedFrames > 25",
+                timeout=30_000,
+            )
+            state = page.evaluate("window.diffstream")
+            page.click("#disconnect")
+            page.wait_for_function("window.diffstream.status === 'idle'", timeout=10_000)
+        finally:
+            browser.close()
+        deadline = time.monotonic() + 10  # Disconnect's DELETE (with the token) ended it
+        while svc.health()["sessions"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert svc.health()["sessions"] == 0
+    assert not errors, errors
+    assert state["error"] is None, state["error"]

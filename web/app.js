@@ -42,6 +42,11 @@ function authHeaders() {
   return token ? { Authorization: `Bearer ${token}` } : {};
 }
 
+// The token goes to this server only, never to another origin an ?audio= URL may point at.
+function headersFor(url) {
+  return new URL(url, location.href).origin === location.origin ? authHeaders() : {};
+}
+
 async function api(method, path, body, headers = {}) {
   const res = await fetch(path, { method, body, headers: { ...authHeaders(), ...headers } });
   const text = await res.text();
@@ -49,17 +54,43 @@ async function api(method, path, body, headers = {}) {
   try { data = text ? JSON.parse(text) : null; } catch { data = text; }
   if (!res.ok) {
     const detail = data && data.detail ? data.detail : text || res.statusText;
-    throw new Error(`${res.status}: ${typeof detail === "string" ? detail : JSON.stringify(detail)}`);
+    const err = new Error(`${res.status}: ${typeof detail === "string" ? detail : JSON.stringify(detail)}`);
+    err.status = res.status;
+    throw err;
   }
   return data;
 }
 
 // ---- reference images -------------------------------------------------------------------------
 
+// An image of this server: fetched with the token (an <img src> cannot send one).
+async function showImage(img, url) {
+  try {
+    const res = await fetch(url, { headers: headersFor(url) });
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    img.src = URL.createObjectURL(await res.blob());
+  } catch {
+    img.alt = `${img.alt} (not loaded)`;
+  }
+}
+
+let referencesShown = false;
+
+// Every /v1 route wants the token when the server has one, /v1/config included: a 401 here
+// means "ask for the token", and entering it runs this again.
 async function loadReferences() {
   try {
     const config = await api("GET", "/v1/config");
     $("token-row").hidden = !config.auth_required || Boolean(params.get("token"));
+    if (state.error && state.error.startsWith("this server needs a token")) {
+      state.error = null;
+      setStatus("");
+    }
+    if (referencesShown) return;
+    referencesShown = true;
+    for (const img of document.querySelectorAll("#references img[data-src]")) {
+      showImage(img, img.dataset.src);
+    }
     const refs = await api("GET", "/v1/references");
     for (const ref of refs) {
       const label = document.createElement("label");
@@ -67,14 +98,22 @@ async function loadReferences() {
       label.dataset.ref = ref.url;
       label.title = ref.name;
       const img = document.createElement("img");
-      img.src = ref.url;
       img.alt = ref.name;
+      showImage(img, ref.url);
       label.appendChild(img);
       $("references").appendChild(label);
     }
   } catch (err) {
-    setStatus(`cannot reach the server: ${err.message}`, true);
+    if (err.status === 401) {
+      $("token-row").hidden = false;
+      setStatus("this server needs a token: enter it under the images", true);
+    } else {
+      setStatus(`cannot reach the server: ${err.message}`, true);
+    }
   }
+}
+
+function wireReferences() {
   $("references").addEventListener("click", (ev) => {
     const label = ev.target.closest(".ref");
     if (!label) return;
@@ -95,7 +134,7 @@ async function loadReferences() {
 async function referenceBlob() {
   if (uploadedImage) return uploadedImage;
   if (selectedRef === "default") return null;
-  const res = await fetch(selectedRef);
+  const res = await fetch(selectedRef, { headers: headersFor(selectedRef) });
   return res.ok ? await res.blob() : null;
 }
 
@@ -286,7 +325,7 @@ function streamPcm(samples, { loop = false } = {}) {
 
 async function playUrl(url, opts) {
   setStatus(`loading ${url}…`);
-  const res = await fetch(url);
+  const res = await fetch(url, { headers: headersFor(url) });
   if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
   const samples = await decodeToMono(await res.arrayBuffer());
   setStatus(`streaming ${url} (${(samples.length / SEND_RATE).toFixed(1)} s)`);
@@ -361,6 +400,8 @@ function countFrames() {
 // ---- wiring -----------------------------------------------------------------------------------
 
 function wire() {
+  wireReferences();
+  $("token").addEventListener("change", () => loadReferences());
   $("connect").onclick = connect;
   $("disconnect").onclick = () => disconnect(true);
   $("mic").onclick = () => toggleMic().catch((err) => setStatus(`microphone: ${err.message}`, true));

@@ -71,6 +71,16 @@ class Executor(abc.ABC):
         """False once a worker has died and the executor must be restarted."""
         return True
 
+    def pids(self) -> list[int]:
+        """Process ids of the engine's worker processes; none when it runs in this process."""
+        return []
+
+    def held_sessions(self, timeout: float = 2.0) -> list[int] | None:
+        """Sessions whose state each engine rank holds now, as the ranks count them themselves
+        (not the caller's bookkeeping), so state a worker forgot to drop shows; None when the
+        engine cannot answer within `timeout` (busy, failed or shut down)."""
+        return None
+
     def __enter__(self) -> Executor:
         return self
 

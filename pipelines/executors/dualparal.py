@@ -239,7 +239,7 @@ class LayerRank:
                 self._ring_out.send(msg)
         elif kind == "stats":
             info = dict(
-                self.ctx.stats(),
+                self.ctx.stats(m.get("events", True)),
                 role=f"layers {self.layers.start}-{self.layers.stop - 1}",
                 sessions=len(self.sessions),
                 cache_bytes=sum(s.cache.nbytes() for s in self.sessions.values()),

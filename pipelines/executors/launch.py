@@ -436,15 +436,16 @@ class WorkerContext:
     def record(self, what: str, session_id: str, block_index: int, start: float) -> None:
         self.events.append(StageEvent(what, session_id, block_index, start, time.perf_counter()))
 
-    def stats(self) -> dict[str, Any]:
-        """This rank's occupancy record and memory, for Message("stats")."""
+    def stats(self, events: bool = True) -> dict[str, Any]:
+        """This rank's occupancy record (`events`: its stage events too) and memory, for
+        Message("stats")."""
         mem = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else _rss()
         sent = [lk.stats for lk in self.links]
         return {
             "stage": self.stage,
             "device": str(self.device),
             "pid": os.getpid(),
-            "events": [e.__dict__ for e in self.events],
+            "events": [e.__dict__ for e in self.events] if events else [],
             "peak_memory_bytes": mem,
             "messages_sent": sum(st.messages for st in sent),
             "messages_received": sum(st.received for st in sent),

@@ -109,6 +109,9 @@ class LocalExecutor(Executor):
     def session_count(self) -> int:
         return len(self._sessions)
 
+    def held_sessions(self, timeout: float = 2.0) -> list[int] | None:
+        return [len(self._sessions)]  # the engine thread's own table
+
     # ---- worker --------------------------------------------------------------------------
     def _put(self, item: Any, *, block: bool) -> None:
         if self._closed:

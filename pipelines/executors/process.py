@@ -89,7 +89,11 @@ class WholeGenerator:
             elif msg.kind == "ping":
                 self.out.send(Message("pong", m))
             elif msg.kind == "stats":
-                info = dict(ctx.stats(), role="whole generator", sessions=len(self.sessions))
+                info = dict(
+                    ctx.stats(m.get("events", True)),
+                    role="whole generator",
+                    sessions=len(self.sessions),
+                )
                 info["cache_bytes"] = sum(s.cache_bytes() for s in self.sessions.values())
                 self.out.send(Message("stats", {"request": m["request"], "ranks": [info]}))
             elif msg.kind == "stop":

@@ -398,15 +398,35 @@ class PipelineExecutor(Executor):
                 )
             self._post(Message("close", {"session_id": session_id}))
 
-    def worker_stats(self, timeout: float | None = None) -> list[dict[str, Any]]:
-        """Every rank's recorded stage events and peak memory (in pipeline order)."""
+    def worker_stats(
+        self, timeout: float | None = None, *, events: bool = True
+    ) -> list[dict[str, Any]]:
+        """Every rank's figures in pipeline order: sessions held, memory, traffic and (with
+        `events`) its recorded stage events, a few thousand per rank."""
         fut: Future = Future()
-        with self._lock:
+        timeout = timeout or self.timeout_s
+        # Bounded: a (re)start holds the lock while the workers load the model, maybe minutes.
+        if not self._lock.acquire(timeout=timeout):
+            raise ExecutorBusy("the executor is starting its workers")
+        try:
             self._check_open()
             rid = next(self._seq)
             self._requests[rid] = fut
-            self._post(Message("stats", {"request": rid, "ranks": []}))
-        return fut.result(timeout=timeout or self.timeout_s)
+            self._post(Message("stats", {"request": rid, "ranks": [], "events": events}))
+        finally:
+            self._lock.release()
+        try:
+            return fut.result(timeout=timeout)
+        except FutureTimeout:
+            self._requests.pop(rid, None)  # a late answer is dropped
+            raise
+
+    def held_sessions(self, timeout: float = 2.0) -> list[int] | None:
+        try:
+            ranks = self.worker_stats(timeout, events=False)
+        except (ExecutorError, ExecutorBusy, FutureTimeout):
+            return None
+        return [int(r.get("sessions", 0)) for r in ranks]
 
     @property
     def queue_depth(self) -> int:

@@ -351,7 +351,12 @@ def run_decoder(ctx: WorkerContext, vae: Any) -> int:
         elif kind == "stats":
             ranks = [
                 *m["ranks"],
-                dict(ctx.stats(), role="decode", sessions=len(states), params=held_params(vae)),
+                dict(
+                    ctx.stats(m.get("events", True)),
+                    role="decode",
+                    sessions=len(states),
+                    params=held_params(vae),
+                ),
             ]
             to_driver.send(Message("stats", {"request": m["request"], "ranks": ranks}))
         elif kind == "stop":

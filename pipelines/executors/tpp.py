@@ -174,7 +174,7 @@ class StepRank:
                 self.out.send(msg)
             elif kind == "stats":
                 info = dict(
-                    ctx.stats(),
+                    ctx.stats(msg.meta.get("events", True)),
                     role=f"steps {_fmt(split_steps(self.gen.config.steps, self.ranks)[self.rank])}",
                     sessions=len(self.sessions),
                     cache_bytes=sum(s.state.cache_bytes() for s in self.sessions.values()),
