@@ -1,9 +1,28 @@
 #!/usr/bin/env bash
 # Debian's chromium for the end-to-end browser tests (never a downloaded browser build) and
-# espeak-ng, whose real speech the lip-sync tests and the page's sample audio use.
+# espeak-ng, whose real speech the lip-sync tests and the page's sample audio use. Fails loudly
+# (a message on stderr, exit 1) when either is still missing after installing: `make test` would
+# fail on the tests that need them anyway (DIFFSTREAM_STRICT_SKIPS), this says why first.
 set -euo pipefail
-if [ -x /usr/bin/chromium ] && command -v espeak-ng >/dev/null; then exit 0; fi
-if [ "$(id -u)" != "0" ]; then SUDO=sudo; else SUDO=; fi
+CHROMIUM=/usr/bin/chromium # where tests/test_browser.py looks
+
+fail() {
+	echo "scripts/install-browser.sh: $*" >&2
+	exit 1
+}
+
+if [ -x "$CHROMIUM" ] && command -v espeak-ng >/dev/null; then exit 0; fi
+command -v apt-get >/dev/null ||
+	fail "apt-get not found; install chromium at $CHROMIUM and espeak-ng on PATH by hand"
+SUDO=
+if [ "$(id -u)" != "0" ]; then
+	command -v sudo >/dev/null || fail "not root and no sudo: run it as root"
+	SUDO=sudo
+fi
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq chromium espeak-ng >/dev/null
+$SUDO apt-get update -qq || fail "apt-get update failed (see above)"
+$SUDO apt-get install -y -qq chromium espeak-ng >/dev/null ||
+	fail "apt-get install chromium espeak-ng failed (see above)"
+[ -x "$CHROMIUM" ] ||
+	fail "chromium is not at $CHROMIUM after installing it, and the browser tests look there"
+command -v espeak-ng >/dev/null || fail "espeak-ng is not on PATH after installing it"

@@ -14,19 +14,26 @@ from pipelines.generator import StreamingGenerator
 from pipelines.messages import BlockRequest, BlockResult
 
 
-def save_test_model(path, num_layers: int = 2) -> str:
-    """The tiny model with its audio cross-attention switched on (random output projections;
-    a fresh model starts with them at zero, so audio would change nothing and an executor that
-    lost the audio on the way would still pass). Saved to `path` for the worker processes."""
-    from models.registry import build_tiny
-
-    bundle = build_tiny(num_layers=num_layers)
-    g = torch.Generator().manual_seed(7)
+def randomise_audio_layers(model: torch.nn.Module, seed: int = 7) -> None:
+    """Give every audio cross-attention a random output projection. A fresh model starts with
+    them at zero, so the audio would change nothing and code that lost the audio on the way
+    (an executor rank, a re-encode pass) would still pass its equivalence test."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for blk in bundle.dit.blocks:
+        for blk in model.blocks:
             if blk.audio_attn is not None:
                 w = blk.audio_attn.to_out[0].weight
                 w.copy_(torch.randn(w.shape, generator=g) * 0.5)
+
+
+def save_test_model(path, num_layers: int = 2) -> str:
+    """The tiny model with audio cross-attention at every layer, switched on (see
+    randomise_audio_layers), so every layer rank of a split model injects audio. Saved to
+    `path` for the worker processes."""
+    from models.registry import build_tiny
+
+    bundle = build_tiny(num_layers=num_layers)
+    randomise_audio_layers(bundle.dit)
     bundle.save(path)
     return str(path)
 

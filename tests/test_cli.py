@@ -219,13 +219,26 @@ def test_saved_bundle_roundtrip(tmp_path):
 
 
 def test_bench_json_reports_stages():
+    """The stage times tile the block and fit in the run, in seconds. One measured block, so
+    its medians are that block's own times and the stages must add up to it exactly. (It used
+    to assert only that the times were positive.) Fails if the block's total misses a stage
+    (tried: generate_block's total = t3 - t0, without the decode), if per-step times overlap
+    (tried: each step timed from the start of the denoise stage), or if a time is not in
+    seconds (tried: time_to_first_frame_s * 1000)."""
     import json
+    import time
 
-    r = run_cli("bench", "--model", "tiny", "--blocks", "3", "--warmup", "1", "--json")
+    start = time.perf_counter()
+    r = run_cli("bench", "--model", "tiny", "--blocks", "1", "--warmup", "1", "--json")
+    wall = time.perf_counter() - start
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["steps"] == len(data["denoise_step_s"]) == 4
-    keys = ("features_s", "denoise_s", "decode_s", "block_s", "time_to_first_frame_s")
-    for key in (*keys, "peak_memory_mb"):
-        assert data[key] > 0
+    stages = ("features_s", "denoise_s", "cache_update_s", "decode_s")
+    for key in (*stages, "block_s", "time_to_first_frame_s", "load_s", "peak_memory_mb"):
+        assert data[key] > 0, key
+    assert sum(data[k] for k in stages) == pytest.approx(data["block_s"], rel=1e-9)
+    assert sum(data["denoise_step_s"]) <= data["denoise_s"]
+    # Loading, the first block of a fresh session and the measured block ran one after another.
+    assert data["load_s"] + data["time_to_first_frame_s"] + data["block_s"] < wall
     assert data["fps"] == pytest.approx(data["frames_per_block"] / data["block_s"])

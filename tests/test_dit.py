@@ -2,6 +2,7 @@
 
 import json
 
+import diffusers
 import pytest
 import torch
 
@@ -9,8 +10,6 @@ from models.config import WanConfig, tiny_config
 from models.dit import AttentionPlan, CausalWanTransformer
 from models.errors import ConfigError, ModelNotFoundError
 from models.registry import load_diffusers_transformer
-
-diffusers = pytest.importorskip("diffusers")
 
 TINY = dict(
     patch_size=(1, 2, 2),

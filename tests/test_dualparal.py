@@ -119,7 +119,11 @@ def dualparal(request, model_dir):
 @pytest.mark.distributed
 def test_dualparal_matches_single_process_staggered_schedule(dualparal, gen):
     """Two sessions interleaved (one refreshes its sink after block 0): every block's clean
-    latent and frames equal the single-process reference of the same staggered schedule."""
+    latent and frames equal the single-process reference of the same staggered schedule. At
+    S > 1 that reference, not the engine, is what DualParal must equal (its queued blocks attend
+    to neighbours one step further along); test_dualparal_equals_the_engine_at_one_step holds it
+    to the engine where the two schedules coincide. Fails if layer ranks after rank 0 never get
+    the block's audio features (tried: the onward["features"] line removed)."""
     info = dualparal.info
     ref = default_reference(info.height, info.width)
     sessions = {"a": dict(seed=21, sink_refresh=False), "b": dict(seed=22, sink_refresh=True)}
@@ -143,6 +147,58 @@ def test_dualparal_matches_single_process_staggered_schedule(dualparal, gen):
             assert len(r.timings.denoise_steps) == info.steps
     assert not np.allclose(dualparal.latents["a", 2], dualparal.latents["b", 2])
     for sid in sessions:
+        dualparal.close_session(sid)
+
+
+@pytest.mark.distributed
+def test_dualparal_equals_the_engine_at_one_step(dualparal, model_dir):
+    """At S = 1 the queue holds one block and its history was written at the only step: the
+    engine's timestep forcing. So every block's clean latent and frames must equal the
+    single-process engine (StreamingGenerator, steps=1), frame for frame: two sessions
+    interleaved, one refreshing its sink, audio injected at every layer, so on every rank.
+
+    At S > 1 the schedules differ by design (a queued block attends to its neighbours one step
+    further along, the engine to finished blocks), so there the executor is compared with the
+    staggered reference (test_dualparal_matches_single_process_staggered_schedule), which
+    test_reference_with_one_step_is_the_timestep_forcing_engine ties to the engine at S = 1.
+
+    Latents agree to 1e-5, frames to 1 grey level: they are identical until the engine's ring
+    wraps (block 3 with a 2-block window); from then on the ring holds the history in slot
+    order and the ranks in block order, so the attention sums in another order (measured:
+    latents 7e-7 apart, 2-4 pixel values of a block 1 grey level apart). One thread everywhere,
+    so nothing else differs.
+
+    Fails if layer ranks after rank 0 never get the block's audio features (tried: the
+    onward["features"] line removed in LayerRank.forward: both 2 and 3 ranks fail)."""
+    from models.registry import load_model
+
+    bundle = load_model(model_dir)
+    audio_layers = set(bundle.dit.config.audio_layers)
+    ranks = split_layers(LAYERS, len(dualparal.worker_stats()) - 1)
+    assert all(audio_layers & set(r) for r in ranks)  # every rank injects audio
+    engine = StreamingGenerator.from_bundle(
+        bundle, steps=1, cache_mode="timestep_forcing", coordinated_noise=True
+    )
+    info = dualparal.info
+    ref = default_reference(info.height, info.width)
+    sessions = {"e1": dict(seed=31, sink_refresh=False), "e2": dict(seed=32, sink_refresh=True)}
+    audio = {sid: audio_blocks(info, BLOCKS, seed=10 + i) for i, sid in enumerate(sessions)}
+    for sid, opts in sessions.items():
+        dualparal.open_session(SessionSpec(sid, ref, steps=1, **opts))
+    futs = submit_all(
+        dualparal, [request(sid, i, audio[sid][i]) for i in range(BLOCKS) for sid in sessions]
+    )
+    got = results(futs, timeout=120)
+    for sid, opts in sessions.items():
+        want = reference_blocks(engine, ref, audio[sid], **opts)
+        for i, (latent, frames) in enumerate(want):
+            r = got[sid, i]
+            assert r.ok, r.error
+            assert len(r.timings.denoise_steps) == 1
+            np.testing.assert_allclose(
+                dualparal.latents[sid, i], latent.numpy(), rtol=1e-5, atol=1e-5
+            )
+            assert np.abs(r.frames.astype(np.int16) - frames.astype(np.int16)).max() <= 1
         dualparal.close_session(sid)
 
 

@@ -6,8 +6,10 @@ import torch
 
 from models.dit import AttentionPlan
 from models.errors import ConfigError, InvalidAudioError
+from models.kv_cache import KVCache
 from pipelines.generator import PipelineConfig, StreamingGenerator
 from pipelines.reference import default_reference
+from tests.multidevice_helpers import randomise_audio_layers
 
 F = 3  # latent frames per block
 
@@ -53,80 +55,188 @@ def block_causal_mask(blocks: int, tokens: int, window: int) -> torch.Tensor:
     return same | (earlier & in_window)
 
 
-def full_audio(gen, state_audio):
-    return torch.cat(state_audio, dim=1)
+# ---- cached = uncached ----------------------------------------------------------------------
+# The engine runs one block at a time against its caches; the reference runs one masked forward
+# over the whole sequence. They must agree on every block, with the audio layers switched on,
+# the sink on (one copy per block, each rotated to that block's sink position) and windows
+# shorter than the history.
 
 
-@pytest.mark.parametrize("window", [12, 3], ids=["full-history", "window<history"])
-def test_reencode_cached_equals_uncached_block_causal(tiny_bundle, window):
-    gen = make_gen(tiny_bundle, window_frames=window, sink=False, cache_mode="reencode")
-    model = gen.model
-    state = gen.new_session(default_reference(gen.height, gen.width), seed=3)
-    rec = Recorder(model)
-    blocks, audio_tokens = 4, []
+@pytest.fixture(scope="module")
+def audio_bundle():
+    """The tiny model with its audio output projections randomised (they start at zero)."""
+    from models.registry import build_tiny
+
+    bundle = build_tiny()
+    randomise_audio_layers(bundle.dit)
+    return bundle
+
+
+def sink_kv(gen, state, source):
+    """Per-layer unrotated keys/values of a sink frame: its own forward at the context
+    timestep, attending only to itself."""
+    mc = gen.model.config
+    cache = KVCache.allocate(
+        layers=mc.num_layers,
+        batch=1,
+        heads=mc.num_attention_heads,
+        head_dim=mc.attention_head_dim,
+        tokens_per_frame=gen.tokens_per_frame,
+        window_frames=0,
+    )
+    with torch.inference_mode():
+        gen.model(
+            source,
+            torch.full((1,), gen.config.context_timestep),
+            state.context,
+            frame_positions=torch.zeros(1, dtype=torch.long),
+            plan=AttentionPlan(cache=cache, store_sink=True),
+        )
+    return cache.sink_keys, cache.sink_values
+
+
+def uncached(gen, state, blocks, times, audio, sinks, window):
+    """One masked forward over `blocks` (one latent block each, at frames 0, F, 2F, ...) with
+    timestep `times[j]` for block j, which sees the sink `sinks[j]` rotated to its own sink
+    position, itself, and the blocks within `window` frames before it. audio: tokens of every
+    frame [1, frames, A, dim], or None. sinks None: no sink."""
+    model, n, T = gen.model, len(blocks), gen.tokens_per_frame
+    mc = model.config
+    copies = KVCache.allocate(  # the sink copies, already rotated, read as "history"
+        layers=mc.num_layers,
+        batch=1,
+        heads=mc.num_attention_heads,
+        head_dim=mc.attention_head_dim,
+        tokens_per_frame=T,
+        window_frames=n if sinks else 0,
+    )
+    for j, (keys, values) in enumerate((sinks or [])[:n]):
+        rope = model.rotary(torch.full((1,), gen.sink_position(j * F)), gen.latent_h, gen.latent_w)
+        for layer in range(mc.num_layers):
+            copies.keys[layer, :, j * T : (j + 1) * T] = rope.apply(keys[layer])
+            copies.values[layer, :, j * T : (j + 1) * T] = values[layer]
+    copies.filled_frames = n if sinks else 0
+    query_block = torch.arange(n * F * T) // (F * T)
+    own_sink = query_block[:, None] == (torch.arange(copies.filled_frames * T) // T)[None, :]
+    mask = torch.cat([own_sink, block_causal_mask(n, T, window)], dim=1)
+    t = torch.tensor([[float(times[j])] * F for j in range(n)]).reshape(1, -1)
+    with torch.inference_mode():
+        return model(
+            torch.cat(blocks, dim=2),
+            t,
+            state.context,
+            audio=None if audio is None else audio[:, : n * F],
+            plan=AttentionPlan(cache=copies, read_history=True, mask=mask),
+        )
+
+
+def run_stream(gen, blocks, seed, sink_refresh):
+    """Generate `blocks` blocks; returns the state, the transformer calls other than sink
+    passes, the audio tokens of every frame (from an encoder state of its own) and the
+    encoded reference."""
+    image = default_reference(gen.height, gen.width)
+    source = gen.encode_reference(image)
+    state = gen.new_session(image, seed=seed, sink_refresh=sink_refresh)
+    enc = gen.audio_encoder.new_state()
+    tokens = []
+    rec = Recorder(gen.model)
     try:
         for b in range(blocks):
             a = speech(gen, b)
-            feats = gen.audio_encoder.encode(a, gen.block_video_frames(b), F, state.audio_state)
-            audio_tokens.append(feats[None])
+            tokens.append(gen.audio_encoder.encode(a, gen.block_video_frames(b), F, enc)[None])
             gen.generate_block(state, a)
     finally:
         rec.close()
-    # Calls per block: sink none; 4 denoise steps then 1 re-encode pass.
-    per_block = state.steps + 1
-    assert len(rec.calls) == blocks * per_block
-    clean = [rec.calls[b * per_block + state.steps]["latent"] for b in range(blocks)]
-    tokens = gen.tokens_per_frame
+    calls = [c for c in rec.calls if not c["plan"].store_sink]
+    return state, calls, torch.cat(tokens, dim=1), source
+
+
+def sink_sources(gen, source, first_clean, blocks, refresh):
+    """Each block's sink source: the reference, or, with the refresh, block 0's first clean
+    frame from the refresh block on."""
+    at = gen.config.sink_refresh_block
+    return [first_clean[:, :, :1] if refresh and b >= at else source for b in range(blocks)]
+
+
+BLOCKS_PAST = 6  # blocks per stream: with a 3- or 6-frame window, several blocks past it
+EQUIVALENCE = [
+    pytest.param(3, False, id="window-1-block"),
+    pytest.param(6, True, id="window-2-blocks-sink-refresh"),
+]
+
+
+@pytest.mark.parametrize(("window", "refresh"), EQUIVALENCE)
+def test_reencode_cached_equals_uncached(audio_bundle, window, refresh):
+    """Every step of every block equals one masked forward over the clean earlier blocks (at the
+    context timestep) and this block's input; audio and sink on, window shorter than the
+    history.
+
+    Fails if the re-encode pass drops the audio (tried: audio=None in finish_block's
+    re-encode), if the ring is one block too long (tried: window_frames + F in new_session),
+    if the sink is skipped (tried: sink_position=None in finish_block's re-encode; tried: no
+    _store_sink in new_session) and, with the refresh, if the refreshed sink is never built
+    (tried: refresh_sink returning at once)."""
+    gen = make_gen(audio_bundle, window_frames=window, sink=True, cache_mode="reencode")
+    state, calls, audio, source = run_stream(gen, BLOCKS_PAST, seed=3, sink_refresh=refresh)
+    steps, per_block = state.steps, state.steps + 1  # S denoise steps, then the re-encode
+    assert len(calls) == BLOCKS_PAST * per_block
+    clean = [calls[b * per_block + steps]["latent"] for b in range(BLOCKS_PAST)]
+    sinks = [
+        sink_kv(gen, state, s) for s in sink_sources(gen, source, clean[0], BLOCKS_PAST, refresh)
+    ]
     t_ctx = gen.config.context_timestep
-    for b in range(1, blocks):
-        for step in range(state.steps):
-            call = rec.calls[b * per_block + step]
-            seq = torch.cat([*clean[:b], call["latent"]], dim=2)
-            t = torch.tensor([[t_ctx] * (b * F) + [float(call["t"][0])] * F])
-            mask = block_causal_mask(b + 1, tokens, window)
-            with torch.inference_mode():
-                ref = model(
-                    seq,
-                    t,
-                    state.context,
-                    audio=torch.cat(audio_tokens[: b + 1], dim=1),
-                    plan=AttentionPlan(mask=mask),
-                )
+    for b in range(BLOCKS_PAST):
+        for step in range(steps):
+            call = calls[b * per_block + step]
+            times = [t_ctx] * b + [call["t"][0]]
+            ref = uncached(gen, state, [*clean[:b], call["latent"]], times, audio, sinks, window)
             torch.testing.assert_close(call["out"], ref[:, :, b * F :], rtol=1e-4, atol=1e-4)
+    # Controls on the last block: its output depends on the audio, the sink and the window.
+    b, call = BLOCKS_PAST - 1, calls[(BLOCKS_PAST - 1) * per_block]
+    seq, times = [*clean[:b], call["latent"]], [t_ctx] * b + [call["t"][0]]
+    for variant in (
+        uncached(gen, state, seq, times, None, sinks, window),
+        uncached(gen, state, seq, times, audio, None, window),
+        uncached(gen, state, seq, times, audio, sinks, window + F),
+    ):
+        assert (variant[:, :, b * F :] - call["out"]).abs().max() > 1e-3
 
 
-def test_timestep_forcing_cached_equals_uncached(tiny_bundle):
-    """Cache s holds earlier blocks' step-s inputs: the same as one masked pass over them."""
-    window = 6
-    gen = make_gen(tiny_bundle, window_frames=window, sink=False, cache_mode="timestep_forcing")
-    model = gen.model
-    state = gen.new_session(default_reference(gen.height, gen.width), seed=4)
-    assert len(state.caches) == state.steps
-    rec = Recorder(model)
-    blocks, audio_tokens = 3, []
-    try:
-        for b in range(blocks):
-            a = speech(gen, b)
-            feats = gen.audio_encoder.encode(a, gen.block_video_frames(b), F, state.audio_state)
-            audio_tokens.append(feats[None])
-            gen.generate_block(state, a)
-    finally:
-        rec.close()
-    assert len(rec.calls) == blocks * state.steps  # no extra pass in this mode
-    b = blocks - 1
-    for step in range(state.steps):
-        inputs = [rec.calls[j * state.steps + step]["latent"] for j in range(blocks)]
-        t = torch.full((1, blocks * F), float(rec.calls[step]["t"][0]))
-        with torch.inference_mode():
-            ref = model(
-                torch.cat(inputs, dim=2),
-                t,
-                state.context,
-                audio=torch.cat(audio_tokens, dim=1),
-                plan=AttentionPlan(mask=block_causal_mask(blocks, gen.tokens_per_frame, window)),
-            )
-        got = rec.calls[b * state.steps + step]["out"]
-        torch.testing.assert_close(got, ref[:, :, b * F :], rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize(("window", "refresh"), EQUIVALENCE)
+def test_timestep_forcing_cached_equals_uncached(audio_bundle, window, refresh):
+    """Cache s holds earlier blocks' step-s inputs: step s of every block equals one masked
+    forward over all blocks' step-s inputs; audio and sink on, window shorter than the history.
+
+    Fails if a step's ring is one block too long (tried: window_frames + F in new_session),
+    if the sink is skipped (tried: sink_position=None in denoise_step), if the block's audio is
+    lost (tried: audio=None in denoise_step) and, with the refresh, if the refreshed sink is
+    never built (tried: refresh_sink returning at once)."""
+    gen = make_gen(audio_bundle, window_frames=window, sink=True, cache_mode="timestep_forcing")
+    state, calls, audio, source = run_stream(gen, BLOCKS_PAST, seed=4, sink_refresh=refresh)
+    steps = state.steps
+    assert len(state.caches) == steps
+    assert len(calls) == BLOCKS_PAST * steps  # no extra pass in this mode
+    last = calls[steps - 1]  # block 0's last step: its clean latent is one Euler step away
+    first_clean = gen.schedule(steps).euler(last["latent"], last["out"], steps - 1)
+    sinks = [
+        sink_kv(gen, state, s) for s in sink_sources(gen, source, first_clean, BLOCKS_PAST, refresh)
+    ]
+    for step in range(steps):
+        inputs = [calls[b * steps + step]["latent"] for b in range(BLOCKS_PAST)]
+        times = [calls[step]["t"][0]] * BLOCKS_PAST
+        ref = uncached(gen, state, inputs, times, audio, sinks, window)
+        got = torch.cat([calls[b * steps + step]["out"] for b in range(BLOCKS_PAST)], dim=2)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # Controls: the outputs depend on the audio, the sink and the window.
+    inputs = [calls[b * steps]["latent"] for b in range(BLOCKS_PAST)]
+    times = [calls[0]["t"][0]] * BLOCKS_PAST
+    got = torch.cat([calls[b * steps]["out"] for b in range(BLOCKS_PAST)], dim=2)
+    for variant in (
+        uncached(gen, state, inputs, times, None, sinks, window),
+        uncached(gen, state, inputs, times, audio, None, window),
+        uncached(gen, state, inputs, times, audio, sinks, window + F),
+    ):
+        assert (variant - got).abs().max() > 1e-3
 
 
 def _first_step_output(gen, state, block_index):

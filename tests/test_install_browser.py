@@ -1,0 +1,79 @@
+"""scripts/install-browser.sh fails loudly when chromium or espeak-ng is still missing after
+installing, so CI stops at the cause instead of at the browser tests.
+
+The script runs against stubs: an `apt-get` that installs nothing, `sudo` and `id`, on a PATH
+of their own, with its chromium path pointed into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "install-browser.sh"
+CHROMIUM_LINE = "CHROMIUM=/usr/bin/chromium"
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def run_installer(
+    tmp_path: Path, *, chromium: bool, espeak: bool, apt: bool = True
+) -> subprocess.CompletedProcess:
+    source = SCRIPT.read_text()
+    assert source.count(CHROMIUM_LINE) == 1  # the one place the tests' path is written
+    chromium_path = tmp_path / "chromium"
+    if chromium:
+        _executable(chromium_path, "#!/bin/sh\n")
+    script = tmp_path / "install-browser.sh"
+    script.write_text(source.replace(CHROMIUM_LINE, f"CHROMIUM={chromium_path}"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "id").symlink_to(shutil.which("id"))
+    _executable(bin_dir / "sudo", '#!/bin/sh\nexec "$@"\n')
+    if apt:
+        _executable(bin_dir / "apt-get", f'#!/bin/sh\necho "$@" >> {tmp_path}/apt.log\n')
+    if espeak:
+        _executable(bin_dir / "espeak-ng", "#!/bin/sh\n")
+    return subprocess.run(
+        [shutil.which("bash"), str(script)],
+        env={"PATH": str(bin_dir)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_nothing_to_do_when_both_are_there(tmp_path):
+    r = run_installer(tmp_path, chromium=True, espeak=True)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "apt.log").exists()
+
+
+@pytest.mark.parametrize(
+    ("chromium", "espeak", "message"),
+    [
+        (False, True, "chromium is not at"),
+        (True, False, "espeak-ng is not on PATH"),
+        (False, False, "chromium is not at"),
+    ],
+)
+def test_fails_loudly_when_still_missing_after_installing(tmp_path, chromium, espeak, message):
+    """Fails if the script trusts apt-get's exit status (tried: without the two checks after
+    the install it exits 0 here)."""
+    r = run_installer(tmp_path, chromium=chromium, espeak=espeak)
+    assert r.returncode == 1
+    assert message in r.stderr
+    assert "install -y -qq chromium espeak-ng" in (tmp_path / "apt.log").read_text()
+
+
+def test_fails_loudly_without_apt_get(tmp_path):
+    r = run_installer(tmp_path, chromium=False, espeak=True, apt=False)
+    assert r.returncode == 1
+    assert "apt-get not found" in r.stderr
