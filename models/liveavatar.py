@@ -92,6 +92,27 @@ class VAEGeometry:
         return frames_for(self.temporal_factor, latent_frames, first)
 
 
+def stream_defaults(height: int = 384, width: int = 704) -> Any:
+    """Live Avatar's stream: 25 fps, 16 kHz audio, blocks of 3 latent frames (12 video frames),
+    4 steps with shift 3, a history of the 3 blocks before (one 48-frame clip with the block),
+    the sink 4-30 frames ahead (pipeline_settings)."""
+    from models.registry import StreamDefaults
+
+    return StreamDefaults(
+        fps=25.0,
+        height=height,
+        width=width,
+        audio_sample_rate=16000,
+        frames_per_block=3,
+        steps=4,
+        shift=3.0,
+        window_frames=9,
+        sink_distance=4,
+        context_timestep=0.0,
+        pipeline=pipeline_settings(),
+    )
+
+
 @dataclass
 class LiveAvatarDecodeState:
     inner: Any
@@ -269,7 +290,7 @@ def load_liveavatar(
     width: int = 704,
 ) -> Any:
     """The released folders as a ModelBundle; see the module docstring for the layout."""
-    from models.registry import ModelBundle, StreamDefaults
+    from models.registry import ModelBundle
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -306,19 +327,7 @@ def load_liveavatar(
         vae=vae,
         audio_encoder=audio,
         context=context,
-        defaults=StreamDefaults(
-            fps=25.0,
-            height=height,
-            width=width,
-            audio_sample_rate=16000,
-            frames_per_block=3,
-            steps=4,
-            shift=3.0,
-            window_frames=9,
-            sink_distance=4,
-            context_timestep=0.0,
-            pipeline=pipeline_settings(),
-        ),
+        defaults=stream_defaults(height, width),
         vae_config={"kind": "wan2.1-pth"},
         trained=True,
     )
@@ -400,7 +409,7 @@ def build_liveavatar_random(
     from diffusers import AutoencoderKLWan
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-    from models.registry import ModelBundle, StreamDefaults
+    from models.registry import ModelBundle
     from models.vae import WanStreamingVAE
     from models.wav2vec import Wav2VecFeatures
 
@@ -451,18 +460,7 @@ def build_liveavatar_random(
         vae=vae,
         audio_encoder=audio,
         context=torch.randn(1, 64, cfg.text_dim, generator=gen, device=device).to(dtype) * 0.1,
-        defaults=StreamDefaults(
-            fps=25.0,
-            height=height,
-            width=width,
-            audio_sample_rate=16000,
-            frames_per_block=3,
-            steps=4,
-            shift=3.0,
-            window_frames=9,
-            sink_distance=4,
-            pipeline=pipeline_settings(),
-        ),
+        defaults=stream_defaults(height, width),
         vae_config={"kind": "wan"},
         notice=f"{name}: Live Avatar's architecture with random weights (speed measurements only)",
     )

@@ -62,23 +62,10 @@ def is_liveavatar(model: str) -> bool:
 
 
 def liveavatar_defaults(height: int = 384, width: int = 704) -> Any:
-    """The StreamDefaults load_liveavatar gives its bundle (tests keep the two equal)."""
-    from models.liveavatar import pipeline_settings
-    from models.registry import StreamDefaults
+    """The StreamDefaults load_liveavatar gives its bundle."""
+    from models.liveavatar import stream_defaults
 
-    return StreamDefaults(
-        fps=25.0,
-        height=height,
-        width=width,
-        audio_sample_rate=16000,
-        frames_per_block=3,
-        steps=4,
-        shift=3.0,
-        window_frames=9,
-        sink_distance=4,
-        context_timestep=0.0,
-        pipeline=pipeline_settings(),
-    )
+    return stream_defaults(height, width)
 
 
 @dataclass
