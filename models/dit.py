@@ -214,7 +214,9 @@ class AttentionPlan:
     this forward's *unrotated* keys/values as the sink. mask: an explicit boolean mask over
     (block tokens × block tokens), used only by the uncached reference forward. layer_offset:
     the cache holds layers from this index on, so a rank that runs a slice of the layers
-    (DualParal) keeps caches for its own layers only.
+    (DualParal) keeps caches for its own layers only. write_index: the ring slots to write, as
+    a tensor (KVCache.ring_index), used instead of write_start by the generator, so that a
+    compiled step sees the position as data and never recompiles for it.
     """
 
     cache: KVCache | None = None
@@ -224,6 +226,7 @@ class AttentionPlan:
     store_sink: bool = False
     mask: torch.Tensor | None = None
     layer_offset: int = 0
+    write_index: torch.Tensor | None = None
 
 
 def cached_attention(
@@ -264,7 +267,9 @@ def cached_attention(
     if cache is not None:
         if plan.store_sink:
             cache.write_sink(slot, k_raw, v)
-        if plan.write_start is not None:
+        if plan.write_index is not None:
+            cache.write_at(slot, plan.write_index, k, v)
+        elif plan.write_start is not None:
             cache.write(slot, plan.write_start, k, v)
     return out
 
@@ -422,6 +427,14 @@ class CausalWanTransformer(nn.Module):
         gh, gw = self.grid(height, width)
         return self.rope(frame_positions, gh, gw)
 
+    def sink_rotary(
+        self, position: int, height: int, width: int, device: torch.device, sink_frames: int = 1
+    ) -> RotaryEmbedding:
+        """The sink's rotation: its frame(s) at temporal `position`. torch.full fills on the
+        device; torch.tensor([...]) would be a synchronous copy from the host."""
+        gh, gw = self.grid(height, width)
+        return self.rope(torch.full((max(1, sink_frames),), position, device=device), gh, gw)
+
     # ---- forward -----------------------------------------------------------------------
     def forward(
         self,
@@ -435,6 +448,7 @@ class CausalWanTransformer(nn.Module):
         rope: RotaryEmbedding | None = None,
         layers: range | None = None,
         hidden: torch.Tensor | None = None,
+        sink_rope: RotaryEmbedding | None = None,
     ) -> torch.Tensor:
         """Predict the flow-matching velocity of `latent` [B, C, F, h, w].
 
@@ -443,22 +457,20 @@ class CausalWanTransformer(nn.Module):
         the list from prepare_audio. plan: how self-attention uses a KVCache (default: none).
         layers/hidden: run only a contiguous range of layers starting from `hidden` (DualParal
         splits layers over ranks); the first range embeds, the last one projects out.
+        rope/sink_rope: the block's and the sink's rotations when the caller made them (the
+        generator does, outside a compiled step: positions there are data, not constants).
         """
         cfg = self.config
         b, _, nf, h, w = latent.shape
         gh, gw = self.grid(h, w)
         plan = plan or AttentionPlan()
-        if frame_positions is None:
-            frame_positions = torch.arange(nf, device=latent.device)
         if rope is None:
+            if frame_positions is None:
+                frame_positions = torch.arange(nf, device=latent.device)
             rope = self.rope(frame_positions, gh, gw)
-        sink_rope = None
-        if plan.sink_position is not None:
-            # torch.full fills on the device; torch.tensor([...]) would be a synchronous copy.
+        if sink_rope is None and plan.sink_position is not None:
             n_sink = plan.cache.sink_frames if plan.cache is not None else 1
-            sink_rope = self.rope(
-                torch.full((max(1, n_sink),), plan.sink_position, device=latent.device), gh, gw
-            )
+            sink_rope = self.sink_rotary(plan.sink_position, h, w, latent.device, n_sink)
         if not isinstance(context, PreparedContext):
             context = self.prepare_context(context)
         audio_kv = audio if isinstance(audio, list) else None

@@ -7,7 +7,9 @@ rotary position so they can be rotated to any temporal index at read time.
 Keys in the ring are stored already rotated at their absolute temporal positions. Attention is
 invariant to the order of keys, so the ring is read in slot order: no roll, no copy, no mask.
 All bookkeeping (how many frames are filled, where the next block goes) is plain Python ints on
-the host, so reading and writing never synchronise with the device.
+the host, so reading and writing never synchronise with the device. A compiled block step takes
+the write position as a tensor of ring slots (`ring_index`) instead: an int that changes from
+block to block would be a new constant, and a recompile, every time.
 """
 
 from __future__ import annotations
@@ -94,6 +96,24 @@ class KVCache:
         n = k.shape[1]
         self.keys[layer, :, slot : slot + n].copy_(k)
         self.values[layer, :, slot : slot + n].copy_(v)
+
+    def ring_index(self, start_frame: int, frames: int, device: torch.device | str) -> torch.Tensor:
+        """Token slots [frames * tokens_per_frame] of the ring that a block starting at
+        `start_frame` writes, as a LongTensor on `device` (built there by arange: no copy from
+        the host). Empty for a zero-length ring."""
+        if self.window_frames == 0:
+            return torch.empty(0, dtype=torch.long, device=device)
+        t = self.tokens_per_frame
+        first = (start_frame % self.window_frames) * t
+        return torch.arange(first, first + frames * t, device=device)
+
+    def write_at(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a block's rotated keys/values at the ring slots `index` (from ring_index): the
+        same write as `write`, with the position as data rather than as a Python int."""
+        if index.numel() == 0:
+            return
+        self.keys[layer].index_copy_(1, index, k)
+        self.values[layer].index_copy_(1, index, v)
 
     def advance(self, frames: int) -> None:
         """Mark `frames` more frames as written (called once per block, after all layers)."""

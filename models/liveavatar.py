@@ -445,14 +445,19 @@ def build_liveavatar_random(
     )
     audio = None
     if "audio" in parts:
-        net = Wav2Vec2Model(wav_cfg).eval().requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):  # the same weights in every process, every run
+            torch.manual_seed(1)
+            net = Wav2Vec2Model(wav_cfg).eval().requires_grad_(False)
         audio = Wav2VecFeatures(
             Path("<random>"), loaded=(extractor, net, wav_cfg), device=device, dtype=dtype
         )
     vae: Any = VAEGeometry()
     if "vae" in parts:
         vae_kwargs = {"base_dim": 8, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1} if small else {}
-        vae = LiveAvatarVAE(WanStreamingVAE(AutoencoderKLWan(**vae_kwargs).eval()))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(2)
+            wan = AutoencoderKLWan(**vae_kwargs).eval()
+        vae = LiveAvatarVAE(WanStreamingVAE(wan))
         vae.to(device=device, dtype=dtype)
     bundle = ModelBundle(
         name=name,

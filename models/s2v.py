@@ -569,10 +569,11 @@ class LiveAvatarTransformer(nn.Module):
         return _half_rounded(ang)
 
     def sink_rotary(
-        self, position: int, height: int, width: int, device: torch.device
+        self, position: int, height: int, width: int, device: torch.device, sink_frames: int = 1
     ) -> RotaryEmbedding:
         """The sink's rotation: the reference frame at `position`, motion tokens where they
-        always are (upstream never moves them)."""
+        always are (upstream never moves them). sink_frames: always one reference frame here
+        (the argument keeps CausalWanTransformer's signature)."""
         gh, gw = self.grid(height, width)
         key = (gh, gw, str(device))
         if key not in self._motion_angles:
@@ -717,6 +718,7 @@ class LiveAvatarTransformer(nn.Module):
         rope: RotaryEmbedding | None = None,
         layers: range | None = None,
         hidden: torch.Tensor | None = None,
+        sink_rope: RotaryEmbedding | None = None,
     ) -> torch.Tensor:
         """Flow-matching velocity of `latent` [B, C, F, h, w] (the same contract as
         CausalWanTransformer.forward; plan.sink_position is the reference frame's position)."""
@@ -725,12 +727,11 @@ class LiveAvatarTransformer(nn.Module):
         gh, gw = self.grid(h, w)
         plan = plan or AttentionPlan()
         dev = latent.device
-        if frame_positions is None:
-            frame_positions = torch.arange(nf, device=dev)
         if rope is None:
+            if frame_positions is None:
+                frame_positions = torch.arange(nf, device=dev)
             rope = self.rotary(frame_positions, h, w)
-        sink_rope = None
-        if plan.sink_position is not None:
+        if sink_rope is None and plan.sink_position is not None:
             sink_rope = self.sink_rotary(plan.sink_position, h, w, dev)
         if not isinstance(context, PreparedContext):
             context = self.prepare_context(context)

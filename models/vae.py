@@ -157,6 +157,10 @@ class WanStreamingVAE(StreamingVAE):
         """Move the wrapped AutoencoderKLWan (device and/or dtype, as nn.Module.to; diffusers'
         own .to warns about float32-kept modules this model does not have)."""
         torch.nn.Module.to(self.vae, *args, **kwargs)
+        # The latent statistics follow to the device (in float32): a copy from the host at
+        # every block would make the decode wait for it.
+        device = self._param().device
+        self._mean, self._std = self._mean.to(device), self._std.to(device)
         return self
 
     @property

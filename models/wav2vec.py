@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from models.errors import ConfigError, InvalidAudioError, ModelNotFoundError
+from models.transfer import to_device
 
 FOLDER_NAME = "wav2vec2-large-xlsr-53-english"  # inside the Wan2.2-S2V-14B checkpoint
 WAV2VEC_RATE = 50  # hidden-state frames per second: 16 kHz over a total conv stride of 320
@@ -184,9 +185,7 @@ class Wav2VecFeatures:
             values = self._extractor(
                 samples, sampling_rate=self.sample_rate, return_tensors="pt"
             ).input_values
-            out = self._model(
-                values.to(device=self.device, dtype=self.dtype), output_hidden_states=True
-            )
+            out = self._model(to_device(values, self.device, self.dtype), output_hidden_states=True)
             # transformers <= 4.51 (upstream's pin) ends hidden_states with the encoder output
             # after its final LayerNorm; 5.x ends it with the last layer's raw output instead.
             # Both return the normed one as last_hidden_state.

@@ -13,6 +13,15 @@ attending to the rolling sink, the last W latent frames of history and itself. T
 
 The steps are public methods so the multi-device executors can run them on different ranks; the
 single-device path is `generate_block`, which just runs them in order.
+
+Inside a block nothing waits for the device until its frames leave for the video encoder
+(`decode`'s copy to the host): inputs made on the host (noise, audio features) are copied
+non-blocking from pinned memory, positions live in tensors made on the device, and every Python
+number the loop needs (timesteps, ring positions, fill levels) is known on the host already.
+With `compile`, each transformer forward of a block (every denoise step, and the re-encode pass
+that writes the cache) runs as a torch.compile'd graph of static shapes; the ring slots it
+writes and the sink's rotation are tensors, so after the ring has filled no block recompiles
+(see compile_mode for CUDA graphs).
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import torch
 from models.dit import AttentionPlan, CausalWanTransformer, PreparedContext, RotaryEmbedding
 from models.errors import ConfigError, InvalidAudioError
 from models.kv_cache import KVCache
+from models.quant import check_quant, quantize_fp8
+from models.transfer import to_device
 from pipelines.messages import BlockTimings
 from pipelines.noise import BlockNoise, ClipNoise
 from pipelines.schedule import FlowMatchSchedule
@@ -132,6 +143,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(compile: bool | str, device: torch.device) -> str | None:
+    """torch.compile's mode for `compile` on `device`, None for eager. True picks
+    "reduce-overhead" (CUDA graphs: one launch per forward instead of hundreds of kernels) on
+    a GPU and "default" on the CPU, where CUDA graphs do not exist."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    if compile not in COMPILE_MODES:
+        raise ConfigError(
+            f"unknown compile mode {compile!r}; choose one of {', '.join(COMPILE_MODES)}"
+        )
+    return str(compile)
+
+
 class StreamingGenerator:
     """Block-wise causal generation with a rolling sink; one instance serves many sessions."""
 
@@ -150,6 +179,8 @@ class StreamingGenerator:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         profile: bool = False,
+        compile: bool | str = False,
+        quant: str | None = None,
     ) -> None:
         self.config = config.validate()
         self.model = model
@@ -188,6 +219,20 @@ class StreamingGenerator:
         self._prompt_contexts: OrderedDict[str, PreparedContext] = OrderedDict()
         self.prompt_encoder: Any | None = None  # PromptEncoder: sessions may bring a prompt
         self._schedules: dict[int, FlowMatchSchedule] = {}
+        # FP8 first (it swaps the linears' weights), then compile what is left to run.
+        self.quant = check_quant(quant)
+        self.fp8_layers = quantize_fp8(model, self.quant, self.device)
+        self.compile_mode = compile_mode(compile, self.device)
+        self._forward: Any = model
+        if self.compile_mode is not None:
+            # dynamic=False: every shape is static (the ring is preallocated, positions are
+            # tensors), so a shape that changes is a bug to see, not a graph to generalise.
+            self._forward = torch.compile(model, mode=self.compile_mode, dynamic=False)
+            # Graphs per forward: with and without the cache write, at each fill level of the
+            # ring until it is full (0, F, 2F, ... frames); room for all of them.
+            fills = self.config.window_frames // self.config.frames_per_block + 1
+            limit = max(torch._dynamo.config.recompile_limit, 2 * fills + 2)
+            torch._dynamo.config.recompile_limit = limit
 
     @classmethod
     def from_bundle(
@@ -206,7 +251,7 @@ class StreamingGenerator:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         d = bundle.defaults
         fields = {f.name for f in dataclasses.fields(PipelineConfig)}
-        unknown = set(overrides) - fields - {"height", "width"}
+        unknown = set(overrides) - fields - {"height", "width", "compile", "quant"}
         if unknown:
             raise ConfigError(f"unknown pipeline option(s): {', '.join(sorted(unknown))}")
         base = dict(
@@ -233,6 +278,8 @@ class StreamingGenerator:
             device=device,
             dtype=dtype,
             profile=profile,
+            compile=overrides.get("compile") or False,
+            quant=overrides.get("quant"),
         )
         gen.prompt_encoder = getattr(bundle, "text_encoder", None)
         return gen
@@ -241,9 +288,11 @@ class StreamingGenerator:
     def schedule(self, steps: int | None = None) -> FlowMatchSchedule:
         steps = steps or self.config.steps
         if steps not in self._schedules:
-            self._schedules[steps] = FlowMatchSchedule(
+            sched = FlowMatchSchedule(
                 steps, self.config.shift, spacing=self.config.schedule_spacing
             )
+            _ = sched.timesteps  # the levels as Python floats now, not inside a block
+            self._schedules[steps] = sched
         return self._schedules[steps]
 
     def block_video_frames(self, block_index: int) -> int:
@@ -370,6 +419,13 @@ class StreamingGenerator:
                     window_frames=window(step),
                 )
             )
+        if self.compile_mode in ("reduce-overhead", "max-autotune"):
+            # CUDA graphs read and write the rings in place: static addresses, not inputs to
+            # copy in at every replay (guard=False: another session's rings re-record, no
+            # recompile).
+            for c in caches:
+                for t in c.tensors():
+                    torch._dynamo.mark_static_address(t, guard=False)
         if source is None and reference is not None and self.can_encode:
             source = self.encode_reference(reference)
         state = SessionState(
@@ -493,7 +549,7 @@ class StreamingGenerator:
             state.audio_state,
         )
         with torch.inference_mode():
-            return self.model.prepare_audio(feats[None].to(self.device, self.dtype))
+            return self.model.prepare_audio(to_device(feats[None], self.device, self.dtype))
 
     def prepare_block(self, state: SessionState, audio: np.ndarray | None) -> BlockInputs:
         F = self.config.frames_per_block
@@ -508,8 +564,56 @@ class StreamingGenerator:
             frame_positions=positions,
             rope=self.model.rotary(positions, self.latent_h, self.latent_w),
             audio_kv=audio_kv,
-            noise=state.noise.next().to(self.device, self.dtype),
+            noise=to_device(state.noise.next(), self.device, self.dtype),
             video_frames=self.block_video_frames(state.block_index),
+        )
+
+    def sink_rope(self, start_frame: int, state: SessionState, step: int = 0):
+        """The sink's rotation for one forward (None without a sink), made outside the
+        transformer so that a compiled forward takes it as data."""
+        position = self.sink_position(start_frame, state, step)
+        if position is None:
+            return None
+        return self.model.sink_rotary(position, self.latent_h, self.latent_w, self.device)
+
+    def block_forward(
+        self,
+        state: SessionState,
+        inputs: BlockInputs,
+        latent: torch.Tensor,
+        timestep: float,
+        cache: KVCache,
+        *,
+        write: bool,
+        step: int = 0,
+    ) -> torch.Tensor:
+        """One transformer forward of the block over the sink, the ring and itself, writing the
+        block's keys/values into `cache` when `write`: the unit that is compiled. Its positions
+        (ring slots, the sink's rotation) arrive as tensors, its numbers (timestep) as a
+        tensor made on the device."""
+        plan = AttentionPlan(
+            cache=cache,
+            read_history=True,
+            write_index=(
+                cache.ring_index(inputs.start_frame, self.config.frames_per_block, self.device)
+                if write
+                else None
+            ),
+        )
+        if not latent.is_inference():
+            # The noise and a latent received from another rank are ordinary tensors, every
+            # later step's input an inference tensor: one kind, or a compiled step compiles
+            # twice.
+            latent = latent.clone()
+        t = torch.full((1,), timestep, device=self.device)
+        return self._forward(
+            latent,
+            t,
+            state.context,
+            audio=inputs.audio_kv,
+            plan=plan,
+            rope=inputs.rope,
+            sink_rope=self.sink_rope(inputs.start_frame, state, step),
         )
 
     def denoise_step(
@@ -519,22 +623,9 @@ class StreamingGenerator:
         sched = self.schedule(state.steps)
         tf = state.cache_mode == "timestep_forcing"
         cache = state.caches[step] if tf else state.caches[0]
-        plan = AttentionPlan(
-            cache=cache,
-            read_history=True,
-            sink_position=self.sink_position(inputs.start_frame, state, step),
-            write_start=inputs.start_frame if tf else None,
-        )
-        t = torch.full((1,), sched.timesteps[step], device=self.device)
         with torch.inference_mode():
-            v = self.model(
-                latent,
-                t,
-                state.context,
-                frame_positions=inputs.frame_positions,
-                audio=inputs.audio_kv,
-                plan=plan,
-                rope=inputs.rope,
+            v = self.block_forward(
+                state, inputs, latent, sched.timesteps[step], cache, write=tf, step=step
             )
             out = sched.euler(latent, v, step)
         if tf:
@@ -552,21 +643,9 @@ class StreamingGenerator:
                 raise ConfigError("re-encode mode needs the clean block to finish it")
         elif state.cache_mode == "reencode":
             cache = state.caches[0]
-            t = torch.full((1,), self.config.context_timestep, device=self.device)
             with torch.inference_mode():
-                self.model(
-                    clean,
-                    t,
-                    state.context,
-                    frame_positions=inputs.frame_positions,
-                    audio=inputs.audio_kv,
-                    plan=AttentionPlan(
-                        cache=cache,
-                        read_history=True,
-                        sink_position=self.sink_position(inputs.start_frame, state),
-                        write_start=inputs.start_frame,
-                    ),
-                    rope=inputs.rope,
+                self.block_forward(
+                    state, inputs, clean, self.config.context_timestep, cache, write=True
                 )
             cache.advance(self.config.frames_per_block)
         if (

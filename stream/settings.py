@@ -54,6 +54,16 @@ class Settings(BaseSettings):
     audio_context_frames: int | None = Field(
         None, ge=0, le=250, description="video frames of left audio context (wav2vec2 models)"
     )
+    compile: bool = Field(
+        True,
+        description="torch.compile the block step and warm it up before listening (False: "
+        "eager, no compile time at start-up)",
+    )
+    quant: Literal["none", "fp8", "fp8-weight"] = Field(
+        "none",
+        description="the transformer's block linears in FP8 (torchao; GPUs with FP8 tensor "
+        "cores: Ada, Hopper); refused on any other device",
+    )
     engine_process: bool = Field(
         True,
         description="run the local executor's engine in a worker process of its own, so the "
@@ -181,6 +191,10 @@ class Settings(BaseSettings):
             options["text_encoder"] = self.text_encoder
         if self.audio_context_frames is not None:
             options["audio_context_frames"] = self.audio_context_frames
+        if self.compile:
+            options["compile"] = True
+        if self.quant != "none":
+            options["quant"] = self.quant
         if self.executor == "local":
             options["process"] = self.engine_process
             if self.engine_process:

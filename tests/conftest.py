@@ -6,6 +6,10 @@ import torch
 # Two cores shared by the test processes: one torch thread each keeps runs predictable.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# serve, render and bench compile the block step by default; compiling costs tens of seconds on
+# two cores, so the suite runs eager (this reaches the CLI's subprocesses and Settings too) and
+# only the tests about compiling (tests/test_compile.py) turn it on, explicitly.
+os.environ.setdefault("DIFFSTREAM_COMPILE", "0")
 
 # DIFFSTREAM_STRICT_SKIPS=1 (set by `make test`, so in CI): a skipped test is a failure, since a
 # skip there hides a claim (a missing browser, a broken import). Only tests marked `gpu`, for

@@ -19,6 +19,7 @@ __all__ = [
     "build_executor",
     "one_device",
     "parse_devices",
+    "warm_up",
 ]
 
 
@@ -55,6 +56,53 @@ def one_device(devices: str) -> torch.device:
     return dev[0]
 
 
+def check_quant_devices(quant: str | None, devices: str) -> None:
+    """Refuse --quant fp8 up front, in one line, when a device cannot run it (before any
+    model loads or worker starts)."""
+    from models.quant import check_quant, fp8_unsupported
+
+    if check_quant(quant) == "none":
+        return
+    from pipelines.executors.torchrun import parse_external
+
+    if parse_external(devices):
+        return  # torchrun's workers see their own devices and refuse there
+    for dev in parse_devices(devices):
+        reason = fp8_unsupported(dev)
+        if reason is not None:
+            raise ConfigError(reason)
+
+
+def warm_up(executor: Executor) -> float:
+    """Run one throwaway session (silence, the default reference) through the executor for
+    `info.warmup_blocks` blocks, so a compiled block step has built all its graphs, on every
+    rank, before the first real session; returns the seconds it took."""
+    import time
+
+    import numpy as np
+
+    from models.errors import ExecutorError
+    from pipelines.messages import BlockRequest, SessionSpec
+    from pipelines.reference import default_reference
+
+    info = executor.info
+    start = time.perf_counter()
+    sid = "__warmup__"
+    executor.open_session(SessionSpec(sid, default_reference(info.height, info.width)))
+    try:
+        futures = [
+            executor.submit(BlockRequest(sid, i, np.zeros(info.block_samples(i), dtype=np.float32)))
+            for i in range(info.warmup_blocks)
+        ]
+        for f in futures:
+            result = f.result(timeout=1800)
+            if not result.ok:
+                raise ExecutorError(f"warm-up block failed: {result.error}")
+    finally:
+        executor.close_session(sid)
+    return time.perf_counter() - start
+
+
 def build_executor(
     kind: str = "local",
     model: str = "default",
@@ -64,9 +112,24 @@ def build_executor(
     """Load `model` and start the chosen executor. `options` are pipeline overrides
     (steps, cache_mode, sink_refresh, frames_per_block, ...) plus executor options.
     `process=True` runs the local executor's engine in a worker process of its own (what the
-    service does) instead of a thread of this process."""
+    service does) instead of a thread of this process. `compile=True` compiles the block step
+    and warms it up (one throwaway session) before returning; `quant="fp8"` is refused here,
+    before anything loads, on a device without FP8."""
     if kind not in EXECUTORS:
         raise ConfigError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
+    check_quant_devices(options.get("quant"), devices)
+    executor = _start(kind, model, devices, options)
+    if options.get("compile"):
+        try:
+            warm_up(executor)
+        except BaseException:
+            executor.close()
+            raise
+    return executor
+
+
+def _start(kind: str, model: str, devices: str, options: dict[str, Any]) -> Executor:
+    options = dict(options)
     if kind == "local" and options.pop("process", False):
         from pipelines.executors.process import ProcessExecutor
 

@@ -30,6 +30,9 @@ class ModelInfo:
     first_block_frames: int  # video frames of block 0 (causal VAEs emit fewer for the first)
     steps: int
     name: str
+    # Blocks of one session after which every graph of a compiled step exists (the ring has
+    # filled and one block ran at full ring): what a warm-up at start-up runs.
+    warmup_blocks: int = 1
 
     def block_frame_start(self, block_index: int) -> int:
         """Index of the first video frame of block `block_index`."""

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from models.errors import DiffstreamError
+from models.transfer import to_device
 from pipelines.executors import parse_devices
 from pipelines.executors.base import ModelInfo
 from pipelines.executors.launch import WorkerContext, check_devices
@@ -467,7 +468,7 @@ class LayerRank:
             start = time.perf_counter()
             feats = encode_audio(gen, sess, audio, index)  # may raise InvalidAudioError
             sess.requests.popleft()
-            sess.latents[index] = sess.noise.next().to(gen.device, gen.dtype)
+            sess.latents[index] = to_device(sess.noise.next(), gen.device, gen.dtype)
             blk = self._block_entry(index, feats)
             blk.features, blk.submitted_at, blk.started = feats, submitted_at, start
             blk.timings["features"] = time.perf_counter() - start

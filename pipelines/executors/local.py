@@ -34,6 +34,7 @@ def model_info(gen: StreamingGenerator, name: str) -> ModelInfo:
         first_block_frames=gen.block_video_frames(0),
         steps=gen.config.steps,
         name=name,
+        warmup_blocks=gen.config.window_frames // gen.config.frames_per_block + 2,
     )
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from models.errors import ConfigError, DiffstreamError, InvalidAudioError
+from models.transfer import to_device
 from pipelines.executors.launch import WorkerContext
 from pipelines.executors.wire import LinkError, Message
 from pipelines.generator import BlockInputs, PipelineConfig, StreamingGenerator
@@ -42,7 +43,7 @@ EXECUTOR_OPTIONS = (
 MODEL_OPTIONS = ("lora", "lora_mode", "lora_alpha", "text_encoder", "audio_context_frames")
 PIPELINE_OPTIONS = (
     tuple(f.name for f in dataclasses.fields(PipelineConfig))
-    + ("height", "width", "dtype")
+    + ("height", "width", "dtype", "compile", "quant")
     + MODEL_OPTIONS
 )
 
@@ -173,7 +174,7 @@ def encode_audio(
     feats = gen.audio_encoder.encode(
         audio, gen.block_video_frames(block_index), gen.config.frames_per_block, state.audio_state
     )
-    return feats[None].to(gen.device, gen.dtype)
+    return to_device(feats[None], gen.device, gen.dtype)
 
 
 def block_inputs(

@@ -31,6 +31,7 @@ from torch import nn
 from models.dit import AttentionPlan, CausalWanTransformer, PreparedContext
 from models.errors import ConfigError
 from models.kv_cache import KVCache
+from models.transfer import to_device
 from pipelines.executors.stages import encode_audio
 from pipelines.generator import StreamingGenerator
 from pipelines.noise import BlockNoise
@@ -317,7 +318,7 @@ class StaggeredReference:
             if admit:
                 b = queue.next_block
                 feats = encode_audio(gen, session, audio[b], b)
-                latents[b] = session.noise.next().to(gen.device, gen.dtype)
+                latents[b] = to_device(session.noise.next(), gen.device, gen.dtype)
                 positions = torch.arange(b * f, (b + 1) * f, device=gen.device)
                 conditions[b] = (
                     positions,

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from models.errors import ConfigError, DiffstreamError
+from models.transfer import to_device
 from pipelines.executors import parse_devices
 from pipelines.executors.base import ModelInfo
 from pipelines.executors.launch import WorkerContext, check_devices
@@ -269,7 +270,7 @@ class StepRank:
             if self.rank == 0:
                 t0 = time.perf_counter()
                 features = encode_audio(gen, state, m.get("audio"), index)
-                noise = state.noise.next().to(gen.device, gen.dtype)
+                noise = to_device(state.noise.next(), gen.device, gen.dtype)
                 latent = noise
                 timings["features"] = time.perf_counter() - t0
                 start_frame = state.next_frame

@@ -1,8 +1,11 @@
 """`diffstream bench`: per-stage time, fps, time to first frame and peak memory of the engine.
 
 Runs the same StreamingGenerator as the service on one device with stage timing enabled (device
-synchronised at stage boundaries). Medians over the measured blocks, after warm-up blocks.
-`--json` prints one object for machines (the planner reads it).
+synchronised at stage boundaries). Medians over the measured blocks, after warm-up blocks (which
+also compile the block step, unless --no-compile: `compile_s`). `--json` prints one object for
+machines (the planner reads it). Model FLOP utilisation (`mfu`) is the denoise steps' FLOPs,
+counted from the model's shapes, per second of a step, over the device's peak dense bf16 rate
+(a table of GPUs, or --peak-tflops).
 """
 
 from __future__ import annotations
@@ -30,13 +33,89 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocks", type=int, default=20, help="measured blocks")
     p.add_argument("--warmup", type=int, default=3, help="blocks run before measuring")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the block step (default on; DIFFSTREAM_COMPILE=0 turns it off)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode (default: reduce-overhead on CUDA, default on the CPU)",
+    )
+    p.add_argument(
+        "--quant",
+        default="none",
+        help="fp8 or fp8-weight: the transformer's block linears in FP8 (Ada/Hopper GPUs)",
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak dense TFLOP/s for the MFU"
+    )
     p.add_argument("--json", action="store_true", help="print JSON only")
 
 
 def _peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if platform.system() != "Darwin" else kb / 2**20
+
+
+# Peak dense bf16 tensor-core TFLOP/s by device name (vendor data sheets; SXM parts where a
+# name covers several). The first match wins, so the longer names come first.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.4),
+    ("H200", 989.4),
+    ("H100", 989.4),
+    ("H800", 989.4),
+    ("H20", 148.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.2),
+)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, value in PEAK_BF16_TFLOPS:
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
+def step_flops(model_name: str, gen: Any) -> float | None:
+    """FLOPs of one denoise step of one block (every layer's matmuls and attention, as the
+    planner counts them), from the model's shapes; None for a model the planner cannot shape."""
+    try:
+        from pipelines import planner
+        from pipelines.profiler import layer_flops
+
+        shape = planner.model_shape(
+            model_name,
+            height=gen.height,
+            width=gen.width,
+            steps=gen.config.steps,
+            dtype=str(gen.dtype).replace("torch.", ""),
+            cache_mode=gen.config.cache_mode,
+        )
+    except Exception:  # a model outside the planner's registry: no MFU, the rest stands
+        return None
+    audio = set(shape.config.audio_layers)
+    return sum(sum(layer_flops(shape, audio=i in audio)) for i in range(shape.config.num_layers))
+
+
+def compile_default() -> bool:
+    """On unless DIFFSTREAM_COMPILE says 0/false/no/off (the test suite sets it off)."""
+    import os
+
+    value = os.environ.get("DIFFSTREAM_COMPILE", "1").strip().lower()
+    return value not in ("0", "false", "no", "off")
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,6 +136,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     else:  # Live Avatar loads (or builds) straight on the device, in its dtype
         bundle = load_model(args.model, device=device, dtype=dtype)
     load_s = time.perf_counter() - t_load
+    use_compile = compile_default() if args.compile is None else args.compile
     gen = StreamingGenerator.from_bundle(
         bundle,
         device=device,
@@ -66,9 +146,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         cache_mode=args.cache_mode,
         height=args.height,
         width=args.width,
+        compile=(args.compile_mode or True) if use_compile else False,
+        quant=args.quant,
     )
-    if args.compile:
-        gen.model = torch.compile(gen.model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ref = default_reference(gen.height, gen.width)
@@ -77,10 +157,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     def audio(i: int) -> np.ndarray:
         return (0.1 * rng.standard_normal(gen.block_samples(i))).astype(np.float32)
 
-    # Warm-up session (first calls allocate, pick kernels, compile).
+    # Warm-up session (first calls allocate, pick kernels, compile). A compiled step needs
+    # the ring to fill before its last graph is built: at least that many blocks.
+    warmup = args.warmup
+    if gen.compile_mode is not None:
+        warmup = max(warmup, gen.config.window_frames // gen.config.frames_per_block + 2)
+    t_compile = time.perf_counter()
     state = gen.new_session(ref, seed=0)
-    for i in range(args.warmup):
+    for i in range(warmup):
         gen.generate_block(state, audio(i))
+    warmup_s = time.perf_counter() - t_compile
 
     # Time to first frame: a fresh session, from its opening to the first block's frames.
     t0 = time.perf_counter()
@@ -112,16 +198,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     cfg = gen.model.config
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        device_name = torch.cuda.get_device_name(device)
     else:
         peak_mb = _peak_rss_mb()
+        device_name = platform.processor() or platform.machine()
+    flops = step_flops(args.model, gen)
+    peak = args.peak_tflops or (peak_tflops(device_name) if device.type == "cuda" else None)
+    step_s = med(per_step)
+    mfu = flops / step_s / (peak * 1e12) if flops and peak else None
     return {
         "model": bundle.name,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": device_name,
         "threads": torch.get_num_threads(),
         "dtype": str(gen.dtype).replace("torch.", ""),
+        "compile": gen.compile_mode,
+        "quant": gen.quant,
+        "fp8_layers": len(gen.fp8_layers),
         "resolution": [gen.width, gen.height],
         "latent": [gen.config.frames_per_block, gen.latent_h, gen.latent_w],
         "tokens_per_block": gen.tokens_per_frame * gen.config.frames_per_block,
@@ -146,6 +239,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "peak_memory_mb": peak_mb,
         "cache_mb": state.cache_bytes() / 2**20,
         "params_m": sum(p.numel() for p in gen.model.parameters()) / 1e6,
+        "warmup_blocks": warmup,
+        "warmup_s": warmup_s,
+        "step_tflop": flops / 1e12 if flops else None,
+        "achieved_tflops": flops / step_s / 1e12 if flops else None,
+        "peak_tflops": peak,
+        "mfu": mfu,
     }
 
 
@@ -160,7 +259,8 @@ def run(args: argparse.Namespace) -> int:
         k: r[k] / r["block_s"] for k in ("features_s", "denoise_s", "cache_update_s", "decode_s")
     }
     print(
-        f"model {r['model']} on {r['device']} ({r['device_name']}, {r['threads']} threads, {r['dtype']})"
+        f"model {r['model']} on {r['device']} ({r['device_name']}, {r['threads']} threads, "
+        f"{r['dtype']}, compile {r['compile'] or 'off'}, quant {r['quant']})"
     )
     print(
         f"  {r['resolution'][0]}x{r['resolution'][1]}, {r['params_m']:.1f}M params, {r['layers']} layers, dim {r['dim']}, {r['tokens_per_block']} tokens/block, {r['steps']} steps, {r['cache_mode']}"
@@ -183,4 +283,10 @@ def run(args: argparse.Namespace) -> int:
             else ""
         )
     )
+    if r["achieved_tflops"] is not None:
+        mfu = f", MFU {r['mfu']:.1%} of {r['peak_tflops']:g}" if r["mfu"] is not None else ""
+        print(
+            f"  denoise step {r['step_tflop']:.3g} TFLOP: {r['achieved_tflops']:.3g} TFLOP/s{mfu}"
+        )
+    print(f"  warm-up {r['warmup_blocks']} blocks in {r['warmup_s']:.1f} s")
     return 0

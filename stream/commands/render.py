@@ -59,6 +59,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="cpu",
         help="cpu, cuda, cuda:1 for local; cuda:0,cuda:1,... or cpu:N for tpp and dualparal",
     )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the block step (default on; DIFFSTREAM_COMPILE=0 turns it off)",
+    )
+    p.add_argument(
+        "--quant",
+        default=None,
+        help="fp8 or fp8-weight: the transformer's block linears in FP8 (Ada/Hopper GPUs)",
+    )
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this much audio")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -113,8 +124,11 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.executors import ExecutorBusy, build_executor
     from pipelines.messages import BlockRequest, SessionSpec
     from pipelines.reference import load_reference_image
+    from stream.commands.bench import compile_default
 
     options: dict = {
+        "compile": compile_default() if args.compile is None else args.compile,
+        "quant": args.quant,
         "steps": args.steps,
         "cache_mode": args.cache_mode,
         "lora": args.lora,

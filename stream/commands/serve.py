@@ -32,6 +32,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--height", "height", int, "video height (default: the model's)"),
     ("--width", "width", int, "video width (default: the model's)"),
     ("--threads", "threads", int, "torch CPU threads (default: all cores but one)"),
+    ("--quant", "quant", str, "none (default), fp8 or fp8-weight: FP8 linears (Ada/Hopper GPUs)"),
     ("--max-sessions", "max_sessions", int, "concurrent sessions before refusing (default 4)"),
     ("--auth-token", "auth_token", str, "require this bearer token on the API"),
     ("--recording-dir", "recording_dir", Path, "write each session to an MP4 here"),
@@ -50,10 +51,24 @@ _LISTS: list[tuple[str, str, str]] = [
 ]
 
 
+_SWITCHES: list[tuple[str, str, str]] = [
+    (
+        "--compile",
+        "compile",
+        "torch.compile the block step and warm it up before listening (default; "
+        "--no-compile: eager, no compile time at start-up)",
+    ),
+]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every setting; unset flags fall back to DIFFSTREAM_* variables."""
     for flag, dest, kind, help_text in _FLAGS:
         parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+    for flag, dest, help_text in _SWITCHES:
+        parser.add_argument(
+            flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text
+        )
     for flag, dest, help_text in _LISTS:
         parser.add_argument(flag, dest=dest, action="append", default=None, help=help_text)
 
@@ -62,7 +77,7 @@ def settings_from_args(args: argparse.Namespace):
     """Settings from the environment with the flags that were given on top."""
     from stream.settings import load_settings
 
-    names = [dest for _, dest, _, _ in _FLAGS] + [dest for _, dest, _ in _LISTS]
+    names = [dest for _, dest, _, _ in _FLAGS] + [dest for _, dest, _ in _LISTS + _SWITCHES]
     return load_settings(**{name: getattr(args, name, None) for name in names})
 
 
