@@ -2,7 +2,9 @@
 
 It does what the browser page does: create a session, offer to receive video and audio plus the
 `stats` channel, stream PCM over the websocket in real time, and it records every received frame
-with its arrival time and pts, so callers can measure fps, A/V alignment and latency.
+with its arrival time and pts, so callers can measure fps, A/V alignment and latency. Every JSON
+message the service sends on the audio socket (replies, playback events, the closing error) is
+read by one task and kept in order in `received.messages`; `wait_message` waits for one.
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ class Received:
     audio_pcm: list[np.ndarray] = field(default_factory=list)  # mono int16 chunks, when kept
     stats: list[dict[str, Any]] = field(default_factory=list)
     last_frame: np.ndarray | None = None
+    messages: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # audio socket
+
+    def of_type(self, *types: str) -> list[dict[str, Any]]:
+        """The audio socket's messages of these types, in the order they came."""
+        return [m for _, m in self.messages if m.get("type") in types]
 
 
 class AvatarClient:
@@ -112,6 +119,9 @@ class AvatarClient:
         self.received = Received()
         self._tasks: list[asyncio.Task[Any]] = []
         self.first_video = asyncio.Event()
+        self._message_came = asyncio.Condition()
+        self.socket_closed = asyncio.Event()
+        self.socket_close_code: int | None = None
 
     # Session ----------------------------------------------------------------------------------
 
@@ -189,9 +199,59 @@ class AvatarClient:
         if self.token:
             url += f"?token={self.token}"
         self.ws = await websockets.connect(url, max_size=2**22)
+        self.socket_closed.clear()
+        self._tasks.append(asyncio.ensure_future(self._read_socket(self.ws)))
+        since = len(self.received.messages)
         start = {"type": "start", "sample_rate": sample_rate, "channels": channels, "format": fmt}
         await self.ws.send(json.dumps(start))
-        return json.loads(await self.ws.recv())
+        return await self.wait_message("started", "error", since=since)
+
+    async def _read_socket(self, ws: Any) -> None:
+        import websockets
+
+        try:
+            async for raw in ws:
+                if not isinstance(raw, str):
+                    continue
+                with contextlib.suppress(ValueError):
+                    message = json.loads(raw)
+                    async with self._message_came:
+                        self.received.messages.append((time.monotonic(), message))
+                        self._message_came.notify_all()
+        except (websockets.ConnectionClosed, asyncio.CancelledError):
+            pass
+        finally:
+            self.socket_close_code = ws.close_code
+            self.socket_closed.set()
+            async with self._message_came:
+                self._message_came.notify_all()
+
+    async def wait_message(self, *types: str, since: int = 0, timeout: float = 10.0) -> dict:
+        """The first audio-socket message of one of `types` at index `since` or later; raises
+        TimeoutError, or ConnectionError if the socket closed without one."""
+
+        def found() -> dict | None:
+            for _, message in self.received.messages[since:]:
+                if message.get("type") in types:
+                    return message
+            return None
+
+        async def wait() -> dict:
+            async with self._message_came:
+                while (message := found()) is None:
+                    if self.socket_closed.is_set():
+                        raise ConnectionError(
+                            f"audio socket closed ({self.socket_close_code}) before {types}"
+                        )
+                    await self._message_came.wait()
+                return message
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    async def wait_socket_closed(self, timeout: float = 20.0) -> int | None:
+        """Until the service closes the audio socket; returns its close code."""
+        await asyncio.wait_for(self.socket_closed.wait(), timeout)
+        return self.socket_close_code
 
     async def send_pcm(
         self,
@@ -216,8 +276,28 @@ class AvatarClient:
                 on_chunk(i, time.monotonic())
             await self.ws.send(pcm[i : i + step].tobytes())
 
-    async def control(self, kind: str) -> None:
+    async def control(self, kind: str, *, reply: str | None = None, timeout: float = 10.0) -> Any:
+        """Send a control message; with `reply`, wait for that answer and return it."""
+        since = len(self.received.messages)
         await self.ws.send(json.dumps({"type": kind}))
+        if reply is not None:
+            return await self.wait_message(reply, since=since, timeout=timeout)
+        return None
+
+    def media_started(self) -> dict[str, Any] | None:
+        """The service's `media_started` event: where this receiver's pts begin."""
+        found = self.received.of_type("media_started")
+        return found[-1] if found else None
+
+    def video_media_time(self, pts: int) -> float:
+        """Seconds on the session's media clock (the events' `media_time_s`) of a received video
+        frame; aiortc numbers pts from the first frame it got, the service says where that was."""
+        origin = self.media_started()
+        return (pts + (origin["video_pts"] if origin else 0)) / 90000.0
+
+    def audio_media_time(self, pts: int) -> float:
+        origin = self.media_started()
+        return (pts + ((origin or {}).get("audio_pts") or 0)) / 48000.0
 
     # End --------------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ class AudioWindow:
     real_samples: int
     first_real_offset: int | None  # sample offset of the first real sample in `audio`
     first_real_arrival: float | None  # clock time that sample reached the server
+    first_real_index: int | None = None  # that sample's index on the session's sample counter
 
     @property
     def silent(self) -> bool:
@@ -63,8 +64,12 @@ class AudioIngest:
         self._speaking = False
         self._room = asyncio.Event()
         self._room.set()
-        self.received_samples = 0
+        self.received_samples = 0  # also the index the next buffered sample will get
         self.dropped_samples = 0
+        self._read_index = 0  # index of the first buffered sample
+        self._final_until = 0  # samples before this index end an utterance: no cushion held
+        # Called with (first, end) sample indices whenever samples are buffered.
+        self.on_audio: Callable[[int, int], None] | None = None
 
     # Input ------------------------------------------------------------------------------------
 
@@ -103,7 +108,14 @@ class AudioIngest:
 
     def finish(self) -> int:
         """End of input: push what the resampler still holds."""
-        return self._drain_resampler()
+        return self.end_segment()
+
+    def end_segment(self) -> int:
+        """The audio so far ends an utterance: push what the resampler holds, and let the
+        windows take its tail at once instead of holding back a jitter cushion for it."""
+        n = self._drain_resampler()
+        self._final_until = self.received_samples
+        return n
 
     def _drain_resampler(self) -> int:
         if self._resampler is None:
@@ -114,11 +126,14 @@ class AudioIngest:
     def _append(self, samples: np.ndarray) -> int:
         n = int(samples.shape[0])
         if n:
+            first = self.received_samples
             self._chunks.append((np.asarray(samples, dtype=np.float32), self.clock()))
             self._buffered += n
             self.received_samples += n
             if self._buffered >= self.max_buffer_samples:
                 self._room.clear()
+            if self.on_audio is not None:
+                self.on_audio(first, self.received_samples)
         return n
 
     async def wait_for_room(self) -> None:
@@ -134,13 +149,17 @@ class AudioIngest:
         return self._buffered / self.model_rate
 
     def interrupt(self) -> int:
-        """Drop everything buffered; returns the samples dropped."""
+        """Drop everything buffered, and the resampler's tail of the cut audio; returns the
+        samples dropped."""
         n = self._buffered
         self._chunks.clear()
         self._offset = 0
         self._buffered = 0
+        self._read_index += n
         self._speaking = False
         self._room.set()
+        if self._resampler is not None:
+            self._resampler.flush()  # its held-back samples belong to the audio just cut
         return n
 
     def drop(self, n: int) -> int:
@@ -162,17 +181,20 @@ class AudioIngest:
                 return None
             self._speaking = False  # utterance ended or the client fell behind
             return self._window(front_pad=0, real=b, n=n)
-        if b >= n + self.cushion:
+        # A delimited utterance gets no more audio: nothing to cushion against.
+        cushion = self.cushion if self._read_index + b > self._final_until else 0
+        if b >= n + cushion:
             self._speaking = True
             return self._window(front_pad=0, real=n, n=n)
         if not force:
             return None
-        real = max(0, b - self.cushion)
+        real = max(0, b - cushion)
         self._speaking = real > 0
         return self._window(front_pad=n - real, real=real, n=n)
 
     def _window(self, front_pad: int, real: int, n: int) -> AudioWindow:
         arrival = self._chunks[0][1] if real and self._chunks else None
+        first_index = self._read_index
         data = self._read(real)
         audio = np.zeros(n, dtype=np.float32)
         audio[front_pad : front_pad + real] = data
@@ -181,6 +203,7 @@ class AudioIngest:
             real_samples=real,
             first_real_offset=front_pad if real else None,
             first_real_arrival=arrival,
+            first_real_index=first_index if real else None,
         )
 
     def _read(self, n: int) -> np.ndarray:
@@ -196,6 +219,7 @@ class AudioIngest:
                 self._chunks.popleft()
                 self._offset = 0
         self._buffered -= n
+        self._read_index += n
         if self._buffered < self.max_buffer_samples:
             self._room.set()
         return out

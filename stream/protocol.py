@@ -73,12 +73,20 @@ class StopMessage(BaseModel):
     type: Literal["stop"]
 
 
-ControlMessage = StartMessage | AuthMessage | InterruptMessage | StopMessage
+class SegmentMessage(BaseModel):
+    """The audio sent since the previous marker (or start, or interrupt) is one utterance: the
+    service reports when the viewer has been shown all of it (`playback_finished`)."""
+
+    type: Literal["segment"]
+
+
+ControlMessage = StartMessage | AuthMessage | InterruptMessage | StopMessage | SegmentMessage
 _BY_TYPE: dict[str, type[BaseModel]] = {
     "start": StartMessage,
     "auth": AuthMessage,
     "interrupt": InterruptMessage,
     "stop": StopMessage,
+    "segment": SegmentMessage,
 }
 
 

@@ -105,9 +105,17 @@ class BlockScheduler:
         self._wake.set()
 
     def interrupt(self) -> int:
-        """Forget blocks not yet shown: queued frames now, in-flight ones when they return."""
+        """Forget blocks not yet shown: queued frames now, in-flight ones when they return.
+
+        The viewer's audio path restarts too: the 48 kHz resampler's held-back tail and the
+        FIFO's leftover are the cut speech, and would otherwise sound at the start of the next
+        block (the first block after the cut is padded in front again, as at the start)."""
         self.epoch += 1
         self._held = None
+        if self._out_resampler is not None:
+            self._out_resampler.flush()
+        self._out_fifo = np.zeros(0, dtype=np.float32)
+        self._out_primed = False
         dropped = self.timeline.clear()
         self.metrics.frames_dropped.labels(reason="interrupt").inc(dropped)
         self.wake()
@@ -287,10 +295,10 @@ class BlockScheduler:
             recent = sorted(list(self.recent_block_latency)[-32:])
             self.latency_estimate = recent[int(0.9 * (len(recent) - 1))]
             self.metrics.block_latency.observe(latency)
-            units = self._units(item, result.frames)
-            if item.epoch != self.epoch:
-                self.metrics.frames_dropped.labels(reason="interrupt").inc(len(units))
+            if item.epoch != self.epoch:  # its audio went with the interrupt's reset
+                self.metrics.frames_dropped.labels(reason="interrupt").inc(item.frames)
                 continue
+            units = self._units(item, result.frames)
             self.blocks_done += 1
             self.metrics.blocks.inc()
             self.metrics.frames_generated.inc(len(units))
@@ -317,6 +325,7 @@ class BlockScheduler:
             onset_frame = min(
                 n - 1, int(item.window.first_real_offset * fps / self.info.audio_sample_rate)
             )
+        spans = _frame_spans(item.window, n)
         units: list[MediaUnit] = []
         for j in range(n):
             g = self._out_frames
@@ -333,6 +342,7 @@ class BlockScheduler:
                     audio=pcm,
                     block_index=item.index,
                     audio_arrival=item.window.first_real_arrival if j == onset_frame else None,
+                    span=spans[j],
                 )
             )
         return units
@@ -342,3 +352,18 @@ class BlockScheduler:
         log.warning("session %s: %s", self.session_id, message)
         if self.on_error is not None:
             self.on_error(message)
+
+
+def _frame_spans(window: AudioWindow, frames: int) -> list[tuple[int, int] | None]:
+    """Per frame of a block, the sample indices (the ingest's counter) of the real audio that
+    drove it: frame j is driven by window samples [j n / F, (j + 1) n / F), of which those
+    between the front padding and the end of the real audio were sent by the client."""
+    if window.first_real_index is None or window.first_real_offset is None:
+        return [None] * frames
+    n, pad, real = len(window.audio), window.first_real_offset, window.real_samples
+    spans: list[tuple[int, int] | None] = []
+    for j in range(frames):
+        a = min(max(round(j * n / frames) - pad, 0), real)
+        b = min(max(round((j + 1) * n / frames) - pad, 0), real)
+        spans.append((window.first_real_index + a, window.first_real_index + b) if b > a else None)
+    return spans

@@ -28,7 +28,8 @@ from pipelines.executors.base import Executor, ExecutorBusy
 from pipelines.messages import SessionSpec
 from stream.ingest import AudioIngest
 from stream.metrics import ServiceMetrics
-from stream.protocol import CloseCode, SessionInfo, error_message
+from stream.playback import PlaybackTracker
+from stream.protocol import CloseCode, SessionInfo
 from stream.recording import SessionRecorder
 from stream.scheduler import BlockScheduler
 from stream.settings import Settings
@@ -37,7 +38,8 @@ from stream.tracks import AvatarVideoTrack, DrivingAudioTrack
 
 if TYPE_CHECKING:
     from aiortc import RTCDataChannel, RTCPeerConnection, RTCRtpSender
-    from starlette.websockets import WebSocket
+
+    from stream.audio_socket import AudioSocket
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,8 @@ class Session:
         self.video_sender: RTCRtpSender | None = None
         self.viewer_connected_at: float | None = None
         self.stats_channel: RTCDataChannel | None = None
-        self.audio_socket: WebSocket | None = None
+        self.audio_socket: AudioSocket | None = None
+        self.viewer_audio = False  # whether the viewer's offer asked for the audio track
         self._last_contact = time.monotonic()
         self.recorder: SessionRecorder | None = None
         if settings.recording_dir is not None:
@@ -110,10 +113,13 @@ class Session:
             on_error=self._on_generation_error,
             on_drained=self._on_drained,
         )
+        self.playback = PlaybackTracker(self.info.audio_sample_rate, self.info.fps, self._post)
+        self.ingest.on_audio = self.playback.audio
         self.video = AvatarVideoTrack(
             self.timeline, on_sent=self._on_frame_sent, on_skipped=self._on_frames_skipped
         )
         self.audio = DrivingAudioTrack(self.timeline)
+        self.video.on_first = self.audio.on_first = self._on_track_started
         self.latencies: list[float] = []
         self.frames_skipped = 0
         self.last_fps = 0.0
@@ -154,6 +160,7 @@ class Session:
         self.outcome = outcome
         self.error = message if outcome == "error" else None
         log.info("session %s closed: %s%s", self.id, outcome, f" ({message})" if message else "")
+        self.playback.close(self._media_slot())
         self.scheduler.stop()
         self.timeline.close()
         self.ingest.close()
@@ -165,9 +172,7 @@ class Session:
         self.scheduler.release()
         if self.audio_socket is not None:
             code, reason = _close_code(outcome, message)
-            await _close_socket(
-                self.audio_socket, code, reason, message if outcome == "error" else None
-            )
+            await self.audio_socket.close(code, reason, message if outcome == "error" else None)
             self.audio_socket = None
         self.video.stop()
         self.audio.stop()
@@ -199,6 +204,7 @@ class Session:
     # Media callbacks --------------------------------------------------------------------------
 
     def _on_slot(self, slot: Slot) -> None:
+        self.playback.slot(slot.index, slot.span)
         if slot.fresh:
             if slot.latency is not None:
                 self.latencies.append(slot.latency)
@@ -217,14 +223,55 @@ class Session:
         self.frames_skipped += n
         self.metrics.frames_dropped.labels(reason="sender_late").inc(n)
 
+    # Events to the audio socket ---------------------------------------------------------------
+
+    def _post(self, event: dict[str, Any]) -> None:
+        if self.audio_socket is not None:
+            self.audio_socket.post(event)
+
+    def _media_slot(self) -> int | None:
+        """The first slot not yet decided, or None before the media clock started."""
+        return self.timeline.next_slot if self.timeline.started else None
+
+    def media_started_event(self) -> dict[str, Any] | None:
+        """Where the viewer's tracks begin: an aiortc-like receiver numbers pts from its first
+        frame, so adding these puts what it received on the media clock of the events."""
+        video, audio = self.video.first_pts, self.audio.first_pts
+        if video is None or (self.viewer_audio and audio is None):
+            return None
+        return {"type": "media_started", "video_pts": video, "audio_pts": audio}
+
+    def _on_track_started(self) -> None:
+        if self.audio_socket is not None:
+            self.audio_socket.announce_media(self.media_started_event())
+
     # Control from the audio socket ------------------------------------------------------------
 
-    def interrupt(self) -> int:
+    def interrupt(self) -> tuple[int, float | None]:
+        """Drop the audio and frames not yet shown; returns (frames dropped, media time from
+        which nothing of the cut audio is shown, None before the clock started)."""
         self.ingest.interrupt()
-        return self.scheduler.interrupt()
+        dropped = self.scheduler.interrupt()
+        resume = self._media_slot()
+        self.playback.interrupt(resume)
+        return dropped, None if resume is None else round(resume / self.info.fps, 4)
+
+    def end_segment(self) -> dict[str, Any]:
+        """A `segment` marker: the audio so far is one utterance (see PlaybackTracker)."""
+        self.ingest.end_segment()
+        ended = self.playback.delimit(self.ingest.received_samples, self._media_slot())
+        self.scheduler.wake()
+        return ended
+
+    def socket_gone(self) -> None:
+        """No more audio can come for the open utterance: end it where it is."""
+        if not self.closed and self.ingest.started:
+            self.ingest.end_segment()
+            self.playback.delimit(self.ingest.received_samples, self._media_slot(), bounded=False)
 
     def stop_audio(self) -> None:
         self.ingest.finish()
+        self.playback.delimit(self.ingest.received_samples, self._media_slot(), bounded=False)
         self.scheduler.drain()
         if self.state == "created":
             # Nothing is being shown, so there is nothing to play out.
@@ -443,10 +490,3 @@ def _close_code(outcome: str, message: str | None) -> tuple[int, str]:
     if outcome == "shutdown":
         return CloseCode.GOING_AWAY, "server shutting down"
     return CloseCode.SESSION_ENDED, f"session ended: {outcome}"
-
-
-async def _close_socket(ws: WebSocket, code: int, reason: str, error: str | None) -> None:
-    with contextlib.suppress(Exception):
-        if error is not None:
-            await ws.send_json(error_message(error))
-        await ws.close(code=code, reason=reason[:120])

@@ -31,6 +31,7 @@ class MediaUnit:
     audio: np.ndarray  # int16 [samples] at 48 kHz, about 1 / fps seconds
     block_index: int
     audio_arrival: float | None = None  # clock time the first real sample of it arrived
+    span: tuple[int, int] | None = None  # sample indices of the real audio it covers (ingest's)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Slot:
     fresh: bool
     block_index: int | None
     latency: float | None  # audio arrival to this slot's start, when known
+    span: tuple[int, int] | None = None  # the frame's MediaUnit.span; None when repeated
 
 
 class MediaTimeline:
@@ -106,6 +108,11 @@ class MediaTimeline:
     @property
     def started(self) -> bool:
         return self._start is not None
+
+    @property
+    def next_slot(self) -> int:
+        """The first slot not yet decided: what an interrupt can still change starts here."""
+        return self._next_slot
 
     def dry_at(self, extra_frames: int = 0) -> float:
         """Clock time of the first slot with nothing to show, counting `extra_frames` coming."""
@@ -194,7 +201,14 @@ class MediaTimeline:
             if unit.audio_arrival is not None and self._start is not None:
                 latency = self.slot_time(k) - unit.audio_arrival
             slot = Slot(
-                k, unit.frame, audio, self.slot_audio_start(k), True, unit.block_index, latency
+                k,
+                unit.frame,
+                audio,
+                self.slot_audio_start(k),
+                True,
+                unit.block_index,
+                latency,
+                unit.span,
             )
             self.fresh_slots += 1
         else:

@@ -46,9 +46,11 @@ class AvatarVideoTrack(MediaStreamTrack):
         self.max_drift_s = max_drift_s
         self.on_sent = on_sent
         self.on_skipped = on_skipped
+        self.on_first: Callable[[], None] | None = None
         self._next: int | None = None
         self.sent = 0
         self.skipped = 0
+        self.first_pts: int | None = None  # of the first frame sent: a receiver's pts origin
 
     def pts_of(self, k: int) -> int:
         return round(k * VIDEO_CLOCK_RATE / self.timeline.fps)
@@ -74,6 +76,10 @@ class AvatarVideoTrack(MediaStreamTrack):
         frame.time_base = VIDEO_TIME_BASE
         self._next = k + 1
         self.sent += 1
+        if self.first_pts is None:
+            self.first_pts = frame.pts
+            if self.on_first is not None:
+                self.on_first()
         if self.on_sent is not None:
             self.on_sent(slot)
         return frame
@@ -99,9 +105,11 @@ class DrivingAudioTrack(MediaStreamTrack):
         super().__init__()
         self.timeline = timeline
         self.max_drift_s = max_drift_s
+        self.on_first: Callable[[], None] | None = None
         self._next: int | None = None  # first sample of the next frame on the 48 kHz clock
         self.sent = 0
         self.skipped_samples = 0
+        self.first_pts: int | None = None  # of the first frame sent: a receiver's pts origin
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
@@ -130,4 +138,8 @@ class DrivingAudioTrack(MediaStreamTrack):
         frame.time_base = AUDIO_TIME_BASE
         self._next = start + AUDIO_FRAME_SAMPLES
         self.sent += 1
+        if self.first_pts is None:
+            self.first_pts = start
+            if self.on_first is not None:
+                self.on_first()
         return frame

@@ -99,6 +99,7 @@ async def answer_offer(session: Session, offer: Offer, settings: Settings) -> An
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
         has_audio = any(m.kind == "audio" for m in parsed.media)
         session.video_sender = pc.addTrack(session.video)
+        session.viewer_audio = has_audio
         if has_audio:
             pc.addTrack(session.audio)
         answer = await pc.createAnswer()

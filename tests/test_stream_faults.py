@@ -9,14 +9,12 @@ tests/test_executor_faults.py; this file checks what a client and an operator se
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
 
 import numpy as np
 import pytest
-import websockets
 
 from models.errors import ExecutorError
 from pipelines.executors.base import Executor, ModelInfo
@@ -33,16 +31,8 @@ def _tone(seconds: float) -> np.ndarray:
 
 async def _until_closed(client: AvatarClient, timeout: float) -> tuple[list[dict], int | None]:
     """Every JSON message the server sends on the audio socket until it closes it."""
-    messages: list[dict] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            raw = await asyncio.wait_for(client.ws.recv(), max(0.1, deadline - time.monotonic()))
-            if isinstance(raw, str):
-                messages.append(json.loads(raw))
-    except websockets.ConnectionClosed:
-        pass
-    return messages, client.ws.close_code
+    code = await client.wait_socket_closed(timeout)
+    return [m for _, m in client.received.messages], code
 
 
 async def _wait_health(svc: ServiceProcess, status: int, timeout: float) -> dict:

@@ -381,15 +381,7 @@ def test_stop_plays_out_and_the_recording_holds_video_and_audio(
         await client.control("stop")
 
         # The server plays out the queued audio, then closes the socket normally.
-        async def until_closed() -> None:
-            while True:
-                try:
-                    await client.ws.recv()
-                except websockets.ConnectionClosed:
-                    return
-
-        await asyncio.wait_for(until_closed(), 20)
-        assert client.ws.close_code == 1000
+        assert await client.wait_socket_closed(20) == 1000
         await client.close(delete=False)
         return client
 
@@ -423,8 +415,7 @@ def test_interrupt_cuts_queued_speech_at_once(service: ServiceProcess) -> None:
         # it at real time.
         await client.send_pcm(speech_like(8.0), 16000, realtime=False)
         await asyncio.sleep(2.0)
-        await client.control("interrupt")
-        reply = json.loads(await asyncio.wait_for(client.ws.recv(), 5))
+        reply = await client.control("interrupt", reply="interrupted", timeout=5)
         cut = time.monotonic()
         await asyncio.sleep(2.0)
         await client.close()
