@@ -121,9 +121,10 @@ def _open_s(costs: Costs) -> float:
 def _bound(compute_s: float, devices: int, period: float, cores: float | None) -> float:
     """Devices that share `cores` CPU cores cannot do more than `cores` seconds of compute per
     second: the period is at least a block's compute over the cores. Link time is not compute
-    (a send waits for the peer, another process runs meanwhile), so it is not counted here."""
+    (a send waits for the peer, another process runs meanwhile), so it is not counted here.
+    On a machine others load too, what the devices get can be less than one core."""
     if cores:
-        period = max(period, compute_s / max(1, min(cores, devices)))
+        period = max(period, compute_s / min(cores, devices))
     return period
 
 

@@ -63,15 +63,29 @@ def costs_from_bench(data: dict[str, Any], shape: ModelShape) -> Costs:
     )
 
 
+def _sync(device: torch.device) -> Any:
+    """What makes a timing wait for the device: CUDA's synchronize; None on the CPU."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None if device.type == "cpu" else (lambda: None)
+
+
 def _median_time(fn: Any, repeats: int, sync: Any) -> float:
+    """Median seconds of `fn` after one warm-up call. On the CPU (`sync` None) with one torch
+    thread the clock is this thread's CPU time: what a block costs a device, which another
+    process's load does not stretch (time spent descheduled is not compute; on a shared
+    machine wall-clock medians came out up to 2x apart from one profile to the next). With
+    several torch threads, or on a GPU, the work is not this thread's alone: wall time."""
+    wait = sync or (lambda: None)
+    clock = time.thread_time if sync is None and torch.get_num_threads() == 1 else time.perf_counter
     fn()
-    sync()
+    wait()
     out = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        sync()
-        out.append(time.perf_counter() - t0)
+        wait()
+        out.append(clock() - t0)
     return statistics.median(out)
 
 
@@ -111,7 +125,7 @@ def _time_ranges(
     torch.manual_seed(0)
     model = materialize(build_on_meta(shape, probe_config(shape)), device, dtype)
     block = probe_block(model, probe, device, dtype, PROBE_LAYERS)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = _sync(device)
     out: dict[tuple[int, int], float] = {}
     with torch.inference_mode():
         # Any hidden state of the right shape will do as the input of a later layer range.
@@ -313,7 +327,7 @@ def _profile_vae_and_audio(
     z = torch.randn(
         1, shape.latent_channels, shape.frames_per_block, h, w, device=device, dtype=dtype
     )
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = _sync(device)
     few = max(1, repeats // 2)
     pixels = (full_h * full_w) / (h * w)
     s, t = shape.spatial_factor, shape.temporal_factor
@@ -359,7 +373,7 @@ def _profile_features(
         samples = round(shape.video_frames / shape.fps * 16000)
         x = torch.from_numpy(rng.standard_normal((1, samples)).astype(np.float32))
         x = x.to(device=device, dtype=dtype)
-        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        sync = _sync(device)
         with torch.inference_mode():
             return _median_time(lambda: model(x, output_hidden_states=True), repeats, sync)
     enc = build_audio_encoder("logmel", n_mels=40, tokens_per_latent_frame=shape.audio_tokens or 4)
@@ -375,5 +389,5 @@ def _profile_features(
     return _median_time(
         lambda: enc.encode(audio, shape.video_frames, shape.frames_per_block, a_state),
         repeats,
-        lambda: None,
+        None,
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -193,42 +195,169 @@ def measure_local(gen: StreamingGenerator, blocks: int) -> dict[str, float]:
     }
 
 
-def pipeline_throughput(executor, blocks: int, steady: range) -> tuple[float, list[dict]]:
-    """Seconds per block while the pipeline is full: two sessions interleaved, completions of
-    blocks in `steady` only (not the fill, nor DualParal's drain after the last block)."""
+def engine_cpu(gen: StreamingGenerator, blocks: int) -> dict[str, float]:
+    """One process running the engine's block loop (prepare, S denoise steps, finish, decode:
+    what generate_block runs), timed in this thread's CPU time, as the profiler times on the
+    CPU: median step and decode, and seconds per block (CPU and wall) after 2 warm-up blocks.
+    CPU time is what one device at full speed takes, however often the machine's other work
+    took the core away meanwhile."""
+    import statistics
+
+    from pipelines.executors.local import model_info
+    from pipelines.reference import default_reference
+
+    state = gen.new_session(default_reference(gen.height, gen.width), seed=0)
+    audio = audio_blocks(model_info(gen, "tiny"), blocks + 2, seed=0)
+    steps, decodes = [], []
+    for i, a in enumerate(audio):
+        if i == 2:
+            c0, t0 = time.thread_time(), time.perf_counter()
+        inputs = gen.prepare_block(state, a)
+        x = inputs.noise
+        for step in range(state.steps):
+            s0 = time.thread_time()
+            x = gen.denoise_step(state, inputs, step, x)
+            steps.append(time.thread_time() - s0)
+        gen.finish_block(state, inputs, x)
+        d0 = time.thread_time()
+        gen.decode(state, x)
+        decodes.append(time.thread_time() - d0)
+    return {
+        "block_cpu": (time.thread_time() - c0) / blocks,
+        "block_wall": (time.perf_counter() - t0) / blocks,
+        "step": statistics.median(steps[2 * state.steps :]),
+        "decode": statistics.median(decodes[2:]),
+    }
+
+
+# CPU accounting from /proc (Linux): what the worker processes and the machine did in a window.
+def process_cpu_seconds(pid: int, thread_name: str | None = None) -> float:
+    """CPU seconds of every thread of `pid` (or of its threads named `thread_name`, e.g.
+    gloo's "gloo_tcp_loop"), from the scheduler's per-thread run time (ns resolution)."""
+    total = 0
+    root = f"/proc/{pid}/task"
+    for tid in os.listdir(root):
+        try:
+            if thread_name is not None:
+                with open(f"{root}/{tid}/comm") as f:
+                    if f.read().strip() != thread_name:
+                        continue
+            with open(f"{root}/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:  # the thread ended meanwhile
+            continue
+    return total / 1e9
+
+
+def machine_idle_seconds() -> float:
+    """Idle CPU seconds of the whole machine so far, summed over its cores (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (fields[3] + fields[4]) / os.sysconf("SC_CLK_TCK")  # idle + iowait
+
+
+@dataclass
+class SteadyRun:
+    """One run of pipeline_run: the steady-state period and what the machine gave it."""
+
+    period_s: float  # seconds per block while every stage is busy
+    cores: float  # cores the workers had meanwhile: their CPU share + the machine's idle
+    link: Any  # the planner's LinkModel of this run's messages
+    stats: list[dict]
+
+
+def pipeline_run(executor, blocks: int, steady: range, in_flight: int | None = None) -> SteadyRun:
+    """Two sessions interleaved, at most `in_flight` blocks submitted and not yet done (default
+    2 x (steps + 1), enough for DualParal's queue of both), as a live stream's audio paces
+    them. Submitting every block at once would let the first stages race through the backlog
+    and leave the last one draining alone: a window of the drain is not the steady state.
+
+    Completion times are taken in the futures' callbacks (no polling loop stealing a core),
+    over the blocks in `steady` (not the fill, nor DualParal's drain after the last block).
+    Between the first and the last of those completions the workers' CPU seconds (all their
+    threads) and the machine's idle seconds give the cores the pipeline had: on a shared
+    machine that is what the planner's `cores` must be, measured in the same window, not
+    before or after it. The link model counts gloo's transport threads too (see measured_link).
+    """
+    import threading
+
     from pipelines.messages import SessionSpec
     from pipelines.reference import default_reference
 
     info = executor.info
+    in_flight = in_flight or 2 * (info.steps + 1)
     ref = default_reference(info.height, info.width)
     sessions = ("p1", "p2")
     for sid in sessions:
         executor.open_session(SessionSpec(sid, ref, seed=1))
     audio = audio_blocks(info, blocks, seed=2)
-    futs = submit_all(executor, [request(s, i, audio[i]) for i in range(blocks) for s in sessions])
-    done = {}
-    pending = dict(futs)
-    while pending:  # completion times, taken as they happen
-        for key, f in list(pending.items()):
-            if f.done():
-                r = f.result()
-                assert r.ok, r.error
-                done[key] = time.perf_counter()
-                del pending[key]
-        time.sleep(0.0005)
+    pids = executor.pids()
+    before = executor.worker_stats(events=False)
+    transport = [sum(process_cpu_seconds(p, "gloo_tcp_loop") for p in pids)]
+    order = [(sid, i) for i in range(blocks) for sid in sessions]
+    n_steady = sum(1 for _, i in order if i in steady)
+    done: dict[tuple[str, int], float] = {}
+    marks: list[tuple[float, float, float]] = []  # (time, workers' CPU, machine idle)
+    errors: list[str] = []
+    lock, finished = threading.Lock(), threading.Event()
+    slots = threading.Semaphore(in_flight)
+
+    def on_done(fut: Future, key: tuple[str, int]) -> None:
+        now = time.perf_counter()
+        result = fut.result()
+        with lock:
+            if not result.ok:
+                errors.append(result.error)
+            done[key] = now
+            if key[1] in steady and len(marks) < 2:
+                count = sum(1 for _, i in done if i in steady)
+                if count in (1, n_steady):
+                    cpu = sum(process_cpu_seconds(p) for p in pids)
+                    marks.append((now, cpu, machine_idle_seconds()))
+            if len(done) == len(order):
+                finished.set()
+        slots.release()
+
+    for key in order:
+        if not slots.acquire(timeout=60):
+            raise TimeoutError("the pipeline stopped completing blocks")
+        fut = executor.submit(request(key[0], key[1], audio[key[1]]))
+        fut.add_done_callback(lambda f, key=key: on_done(f, key))
+    if not finished.wait(60):
+        raise TimeoutError("the pipeline stopped completing blocks")
+    assert not errors, errors
+    transport.append(sum(process_cpu_seconds(p, "gloo_tcp_loop") for p in pids))
     stats = executor.worker_stats()
     for sid in sessions:
         executor.close_session(sid)
     times = sorted(t for (_, i), t in done.items() if i in steady)
-    return (times[-1] - times[0]) / (len(times) - 1), stats
+    (t0, cpu0, idle0), (t1, cpu1, idle1) = marks
+    cores = ((cpu1 - cpu0) + (idle1 - idle0)) / (t1 - t0)
+    link = measured_link(stats, before, transport_cpu_s=transport[1] - transport[0])
+    return SteadyRun((times[-1] - times[0]) / (len(times) - 1), cores, link, stats)
 
 
-def measured_link(stats: list[dict]):
-    """The gloo hop as the workers measured it: wall time per message (two sends each) and the
-    CPU a message costs at both ends, as the planner's LinkModel."""
+def pipeline_throughput(executor, blocks: int, steady: range) -> tuple[float, list[dict]]:
+    """Seconds per block while the pipeline is full (pipeline_run), and the workers' stats."""
+    run = pipeline_run(executor, blocks, steady)
+    return run.period_s, run.stats
+
+
+def measured_link(
+    stats: list[dict], before: list[dict] | None = None, transport_cpu_s: float = 0.0
+):
+    """The gloo hop as the workers measured it (since `before`, a worker_stats() taken
+    earlier), as the planner's LinkModel: wall time per message (two sends each) and the CPU
+    a message costs. That CPU is the sending and receiving threads' time in send and recv
+    plus `transport_cpu_s`, what gloo's own transport threads spent meanwhile (the socket
+    work happens there; counting only the callers' threads missed two thirds of it)."""
     from pipelines import planner
 
-    messages = sum(s["messages_sent"] for s in stats)
-    per_message = sum(s["send_seconds"] for s in stats) / messages
-    cpu = sum(s["link_cpu_seconds"] for s in stats) / messages
+    def total(key: str) -> float:
+        now = sum(s[key] for s in stats)
+        return now - (sum(s[key] for s in before) if before else 0)
+
+    messages = total("messages_sent")
+    per_message = total("send_seconds") / messages
+    cpu = (total("link_cpu_seconds") + transport_cpu_s) / messages
     return planner.LinkModel(gbps=10.0, latency_s=per_message / 2, cpu_s=cpu)

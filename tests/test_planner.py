@@ -4,6 +4,7 @@ profiler agrees with the engine, and its predictions agree with the CPU executor
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -12,13 +13,10 @@ from pipelines import planner
 from pipelines.executors.tpp import split_steps
 from pipelines.generator import StreamingGenerator
 from pipelines.reference import default_reference
-from tests.multidevice_helpers import (
-    available_cores,
-    measure_local,
-    measured_link,
-    pipeline_throughput,
-    save_test_model,
-)
+from tests.multidevice_helpers import engine_cpu, pipeline_run, save_test_model
+
+# Agreement bands: a prediction within 25 % of the measurement, either way.
+LOW, HIGH = 0.8, 1.25
 
 
 @pytest.fixture(scope="module")
@@ -135,17 +133,24 @@ def test_recommendation_respects_memory_and_target():
 
 
 def test_profiler_agrees_with_the_engine(shape, gen):
-    """The layer-range profile adds up to what one engine step costs. Profile and engine runs
-    alternate and the fastest of three rounds counts, so a burst of load on this shared machine
-    hits both sides alike."""
-    rounds = [
-        (planner.profile_costs(shape, device="cpu", dtype=torch.float32), measure_local(gen, 4))
-        for _ in range(3)
-    ]
-    step = min(c.step_s for c, _ in rounds) / min(m["step"] for _, m in rounds)
-    decode = min(c.decode_s for c, _ in rounds) / min(m["decode"] for _, m in rounds)
-    assert 0.5 < step < 2.0, rounds
-    assert 0.5 < decode < 2.0, rounds
+    """The layer-range profile adds up to what one engine step costs, and the profiled decode
+    to the engine's, within 25 %. Both sides are timed in the thread's CPU time, the
+    profiler's clock on a one-thread CPU (wall-clock medians of the same profile came out up
+    to 2x apart on this shared machine). Profile and engine runs alternate, 21 rounds of about
+    half a second, and the median of the per-round ratios counts: the few rounds a burst of
+    load hits unevenly cannot move it. Five runs in a row on two cores loaded by other work
+    (load average 4-6): step 0.91-0.96, decode 0.95-1.03 (single rounds 0.5-1.4). Fails if
+    the profile leaves one layer out of a step (0.52) or times the decode at half the block's
+    latent frames (0.60)."""
+    rounds = []
+    for _ in range(21):
+        costs = planner.profile_costs(shape, device="cpu", dtype=torch.float32)
+        engine = engine_cpu(gen, 4)
+        rounds.append((costs.step_s / engine["step"], costs.decode_s / engine["decode"]))
+    step = statistics.median(r[0] for r in rounds)
+    decode = statistics.median(r[1] for r in rounds)
+    assert LOW < step < HIGH, dict(step=step, rounds=rounds)
+    assert LOW < decode < HIGH, dict(decode=decode, rounds=rounds)
 
 
 def test_plan_command_prints_every_strategy(model_dir, capsys):
@@ -159,41 +164,64 @@ def test_plan_command_prints_every_strategy(model_dir, capsys):
     assert main(["plan", "--model", "nope", "--devices", "2"]) == 2
 
 
+def _agreement_round(executor, strategy: str, shape, gen) -> dict[str, float]:
+    """One round: profile, one device, the pipeline's steady state, one device again."""
+    costs = planner.profile_costs(shape, device="cpu", dtype=torch.float32, repeats=5)
+    before = engine_cpu(gen, 4)
+    steps, blocks = shape.steps, 16
+    run = pipeline_run(executor, blocks, range(steps, blocks - steps + 1))
+    after = engine_cpu(gen, 4)
+    one_device = (before["block_cpu"] + after["block_cpu"]) / 2  # one device at full speed
+    predict = planner.predict_tpp if strategy == "tpp" else planner.predict_dualparal
+    pred = predict(shape, costs, 3, run.link, cores=run.cores)
+    predicted = planner.predict_local(shape, costs).period_s / pred.period_s
+    measured = one_device / run.period_s
+    return dict(
+        ratio=measured / predicted,
+        predicted=predicted,
+        measured=measured,
+        cores=run.cores,
+        period_ms=1e3 * run.period_s,
+        predicted_period_ms=1e3 * pred.period_s,
+        one_device_ms=1e3 * one_device,
+        link_cpu_ms=1e3 * run.link.cpu_s,
+    )
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["tpp", "dualparal"])
 def test_predictions_agree_with_the_cpu_executors(strategy, model_dir, shape, gen):
-    """Predicted speed-up over one device vs. the measured one, from this one run, within 2x:
-    costs profiled here, the gloo hop as the workers measured it, the CPU executors' steady-state
-    throughput, all on this machine's cores (shared by the worker processes)."""
+    """Predicted speed-up over one device vs. the measured one, within 25 %, from this run:
+    costs profiled here, the gloo link as the workers measured it (its transport threads
+    included), the CPU executors' steady state (3 worker processes, threads=1, two sessions
+    fed as a live stream feeds them), all on this machine's cores.
+
+    The machine is shared, so load must cancel. Seven rounds alternate a profile, one device,
+    the pipeline and one device again; each round compares like with like: one device's CPU
+    seconds per block (what it takes at full speed, however often it was descheduled) against
+    the pipeline's period, and the prediction is made for the cores the workers had in that
+    very window (their CPU seconds + the machine's idle seconds, per second; 0.9-1.7 here),
+    not for a core count probed before or after (that missed by up to 2x when other work came
+    and went in between). The median of the seven per-round ratios counts. Five runs in a row
+    on two cores loaded by other work: tpp 0.90-1.01, dualparal 0.87-1.01 (single rounds
+    0.65-1.4).
+
+    Fails if predict_tpp (predict_dualparal) claims a 2x better period (0.47; 0.42), if the
+    planner skips the link's cost (0.78; 0.64), or if the link's CPU is only the time of the
+    threads that call send and recv, as measured before (dualparal 0.72: gloo's transport
+    threads do two thirds of a message's work; tpp 0.89, which the band lets through)."""
     from pipelines.executors import build_executor
 
-    cores_before = available_cores()  # this machine is shared: what we get now, not nproc
-    costs = planner.profile_costs(shape, device="cpu", dtype=torch.float32, repeats=5)
-    before = measure_local(gen, 6)
     ex = build_executor(
         strategy, model=model_dir, devices="cpu:3", threads=1, timeout_s=60, verbose=False
     )
     try:
-        steps = shape.steps
-        measured, stats = pipeline_throughput(ex, 12, range(steps, 12 - steps + 1))
+        pipeline_run(ex, 6, range(2, 4))  # warm-up: first blocks, allocator, page-ins
+        rounds = [_agreement_round(ex, strategy, shape, gen) for _ in range(7)]
     finally:
         ex.close()
-    after = measure_local(gen, 6)
-    cores = min(3.0, (cores_before + available_cores()) / 2)
-    local = (before["period"] + after["period"]) / 2  # load on this shared machine drifts
-    link = measured_link(stats)
-    predict = planner.predict_tpp if strategy == "tpp" else planner.predict_dualparal
-    pred = predict(shape, costs, 3, link, cores=cores)
-    predicted = planner.predict_local(shape, costs).period_s / pred.period_s
-    measured_ratio = local / measured
-    assert 0.5 < measured_ratio / predicted < 2.0, dict(
-        predicted=predicted,
-        measured=measured_ratio,
-        local=local,
-        period=measured,
-        pred_stages=pred.stages_s,
-        link=link,
-    )
+    ratio = statistics.median(r["ratio"] for r in rounds)
+    assert LOW < ratio < HIGH, dict(median=ratio, rounds=rounds)
 
 
 def test_profiler_times_the_wan_vae_and_audio_of_a_steady_block():
