@@ -108,6 +108,7 @@ class ProbeTransformer(CausalWanTransformer):
         rope: Any = None,
         layers: range | None = None,
         hidden: torch.Tensor | None = None,
+        sink_rope: Any = None,
     ) -> torch.Tensor:
         b, _, nf = latent.shape[:3]
         if audio is None or (plan is not None and plan.store_sink):

@@ -183,13 +183,15 @@ class AudioSocket:
             pass  # the client went away; the session idles on silence
         finally:
             self._closing = True
-            if self._writer is not None:
-                self._writer.cancel()
-                await asyncio.gather(self._writer, return_exceptions=True)
+            # The slot first, with no await before it: a client that reconnects right after
+            # closing must find the session free.
             if session.audio_socket is self:
                 session.audio_socket = None
                 session.socket_gone()
                 session.touch()
+            if self._writer is not None:
+                self._writer.cancel()
+                await asyncio.gather(self._writer, return_exceptions=True)
 
     async def _control(self, message: Any, token_ok: Callable[[str | None], bool]) -> None:
         if not self.authed:

@@ -50,6 +50,11 @@ class _Close:
 
 
 @dataclass
+class _Count:
+    future: Future
+
+
+@dataclass
 class _Block:
     request: BlockRequest
     future: Future
@@ -111,7 +116,16 @@ class LocalExecutor(Executor):
         return len(self._sessions)
 
     def held_sessions(self, timeout: float = 2.0) -> list[int] | None:
-        return [len(self._sessions)]  # the engine thread's own table
+        """The engine thread's own table, read by that thread after everything queued before
+        (a close_session just made is counted as done); None if it does not answer in time."""
+        if self._closed:
+            return [len(self._sessions)]
+        fut: Future = Future()
+        try:
+            self._put(_Count(fut), block=True)
+            return [fut.result(timeout=timeout)]
+        except (ExecutorBusy, TimeoutError):
+            return None
 
     # ---- worker --------------------------------------------------------------------------
     def _put(self, item: Any, *, block: bool) -> None:
@@ -164,6 +178,8 @@ class LocalExecutor(Executor):
                 item.future.set_result(None)
         elif isinstance(item, _Close):
             self._sessions.pop(item.session_id, None)
+        elif isinstance(item, _Count):
+            item.future.set_result(len(self._sessions))
         elif isinstance(item, _Block):
             req = item.request
             state = self._sessions.get(req.session_id)
