@@ -17,6 +17,9 @@ done
 $BIN/diffstream bench --model tiny --threads 2 --blocks 40 --json > "$OUT/bench-tiny.json"
 $BIN/diffstream bench --model tiny --threads 1 --blocks 40 --cache-mode timestep_forcing --json > "$OUT/bench-tiny-tf-1thread.json"
 
+# Eager vs compiled block step (the serve/render/bench default), alternating rounds
+$BIN/python benchmarks/compile_cpu.py --model default --rounds 5 --json > "$OUT/compile-cpu-default.json"
+
 # Lip sync, drift and speed of the default model on speech it never heard (espeak-ng)
 espeak-ng -w /tmp/diffstream-espeak.wav "Good morning. I am a talking avatar generated block by block, in real time, from the sound of your voice. Ask me anything you like, and I will answer for as long as you want."
 $BIN/diffstream eval --audio /tmp/diffstream-espeak.wav --image models/default/refs/ref0.png --frames 300 --threads 2 --json > "$OUT/eval-default.json"
