@@ -49,16 +49,31 @@ PROTECTED = {
 WEBSOCKETS = {"/v1/sessions/{session_id}/audio"}
 
 
+def _registered(app) -> list[tuple[object, str, set[str]]]:  # noqa: ANN001
+    """(route, path, methods) of every route the app serves, routers' routes included.
+
+    FastAPI 0.165+ keeps an included router as one lazy entry of `app.routes`;
+    `iter_route_contexts` walks into it (with the router's prefix). Older FastAPI copies the
+    routers' routes into `app.routes` itself."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:
+        return [(r, r.path, set(getattr(r, "methods", None) or ())) for r in app.routes]
+    return [
+        (c.original_route, c.path, set(c.methods or ())) for c in iter_route_contexts(app.routes)
+    ]
+
+
 def app_routes(app) -> tuple[set[tuple[str, str]], set[str], set[str]]:  # noqa: ANN001
     """(method, path) of every HTTP route, every websocket path, every mount, as registered."""
     http, sockets, mounts = set(), set(), set()
-    for route in app.routes:
+    for route, path, methods in _registered(app):
         if isinstance(route, APIWebSocketRoute):
-            sockets.add(route.path)
+            sockets.add(path)
         elif isinstance(route, (APIRoute, Route)):
-            http |= {(m, route.path) for m in route.methods if m != "HEAD"}
+            http |= {(m, path) for m in methods if m != "HEAD"}
         elif isinstance(route, Mount):
-            mounts.add(route.path)
+            mounts.add(path)
         else:
             raise AssertionError(f"a route of an unknown kind: {route!r}; classify it here")
     return http, sockets, mounts

@@ -1,0 +1,43 @@
+"""Operations: `/healthz` for load balancers and probes, `/metrics` for Prometheus (both open)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from stream.routes.deps import MetricsDep, SettingsDep
+
+ENGINE_STATS_TIMEOUT_S = 2.0  # a scrape waits this long for the engine's own figures
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/healthz")
+async def healthz(request: Request, settings: SettingsDep) -> JSONResponse:
+    """Liveness and load; 503 when the executor's worker is gone."""
+    executor = getattr(request.app.state, "executor", None)
+    sessions = getattr(request.app.state, "sessions", None)
+    healthy = executor is not None and executor.healthy()
+    body = {
+        "status": "ok" if healthy else "unhealthy",
+        "model": executor.info.name if executor is not None else None,
+        "executor": settings.executor,
+        "sessions": len(sessions.sessions) if sessions else 0,
+        "max_sessions": settings.max_sessions,
+        "workers": executor.pids() if executor is not None else [],
+        "tasks": len(asyncio.all_tasks()),
+        "threads": threading.active_count(),
+    }
+    return JSONResponse(body, status_code=200 if healthy else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def prometheus(request: Request, metrics: MetricsDep) -> Response:
+    executor = getattr(request.app.state, "executor", None)
+    if executor is not None:  # asked now: the workers' own count, not the service's
+        held = await asyncio.to_thread(executor.held_sessions, ENGINE_STATS_TIMEOUT_S)
+        metrics.set_engine_sessions(held)
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,179 @@
+"""Sessions as a resource: create, list, read and end them, and answer a viewer's SDP offer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from models.errors import ConfigError, InvalidImageError
+from stream.protocol import Answer, Offer, SessionCreated, SessionInfo, SessionOptions
+from stream.routes.deps import AUTH, ManagerDep, SettingsDep
+from stream.sessions import AdmissionError
+from stream.turn import session_ice_servers
+from stream.webrtc import answer_offer
+
+router = APIRouter(tags=["sessions"], dependencies=AUTH)
+
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "image": {"type": "string", "format": "binary"},
+        "seed": {"type": "integer"},
+        "steps": {"type": "integer"},
+        "sink_refresh": {"type": "boolean"},
+        "prompt": {"type": "string", "maxLength": 4000},
+        "width": {"type": "integer"},
+        "height": {"type": "integer"},
+    },
+}
+
+
+@router.post(
+    "/v1/sessions",
+    status_code=201,
+    response_model=SessionCreated,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": SessionOptions.model_json_schema()},
+                "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+            },
+            "required": False,
+        }
+    },
+)
+async def create_session(
+    request: Request, settings: SettingsDep, mgr: ManagerDep
+) -> SessionCreated:
+    """Open a session from a reference image (multipart `image` or JSON `image_base64`;
+    none: the default avatar) and options. 503 with Retry-After when at capacity."""
+    if mgr.in_use >= settings.max_sessions:
+        # Refuse before reading a large upload.
+        mgr.metrics.sessions_rejected.inc()
+        raise AdmissionError(
+            f"server at capacity: {mgr.in_use} of {settings.max_sessions} sessions in use; "
+            "retry when one ends"
+        )
+    options, image = await read_session_request(request, settings.max_image_bytes)
+    info = request.app.state.executor.info
+    asked = (options.width or info.width, options.height or info.height)
+    if asked != (info.width, info.height):
+        raise ConfigError(
+            f"this server generates {info.width}x{info.height}; a session cannot change the "
+            f"resolution (asked {asked[0]}x{asked[1]}); start the server with --width/--height"
+        )
+    if image is None:
+        reference = request.app.state.default_reference
+    else:
+        from pipelines.reference import load_reference_image
+
+        reference = await asyncio.to_thread(load_reference_image, image, info.height, info.width)
+    session = await mgr.create(
+        reference,
+        seed=options.seed,
+        steps=options.steps,
+        sink_refresh=options.sink_refresh,
+        prompt=options.prompt,
+    )
+    base = f"/v1/sessions/{session.id}"
+    return SessionCreated(
+        session_id=session.id,
+        width=info.width,
+        height=info.height,
+        fps=info.fps,
+        audio_sample_rate=info.audio_sample_rate,
+        offer_url=f"{base}/offer",
+        audio_url=f"{base}/audio",
+        ice_servers=session_ice_servers(settings, session),
+    )
+
+
+@router.get("/v1/sessions")
+async def list_sessions(mgr: ManagerDep) -> list[SessionInfo]:
+    return [s.describe() for s in mgr.sessions.values()]
+
+
+@router.get("/v1/sessions/{session_id}")
+async def get_session(session_id: str, settings: SettingsDep, mgr: ManagerDep) -> dict[str, Any]:
+    session = mgr.get(session_id)
+    base = f"/v1/sessions/{session.id}"
+    return {
+        **session.describe().model_dump(),
+        "offer_url": f"{base}/offer",
+        "audio_url": f"{base}/audio",
+        "ice_servers": session_ice_servers(settings, session),
+        "stats": session.stats(),
+    }
+
+
+@router.delete("/v1/sessions/{session_id}", status_code=204)
+async def delete_session(session_id: str, mgr: ManagerDep) -> Response:
+    session = mgr.get(session_id)
+    await session.close("deleted")
+    return Response(status_code=204)
+
+
+@router.post("/v1/sessions/{session_id}/offer", response_model=Answer)
+async def offer(session_id: str, body: Offer, settings: SettingsDep, mgr: ManagerDep) -> Answer:
+    """SDP offer in, answer out: a video track, the driving audio and the `stats` channel."""
+    session = mgr.get(session_id)
+    return await answer_offer(session, body, settings)
+
+
+async def read_session_request(
+    request: Request, max_image_bytes: int
+) -> tuple[SessionOptions, bytes | None]:
+    """Options and image bytes from a JSON body, a multipart form, or no body at all."""
+    declared = request.headers.get("content-length")
+    if (
+        declared is not None
+        and declared.isdigit()
+        and int(declared) > max_image_bytes * 4 // 3 + 65536
+    ):
+        raise HTTPException(413, f"request too large; the image limit is {max_image_bytes} bytes")
+    ctype = request.headers.get("content-type", "")
+    try:
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form(max_part_size=max_image_bytes)
+            fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
+            options = SessionOptions.model_validate({k: v for k, v in fields.items() if v != ""})
+            upload = form.get("image")
+            image = None
+            if upload is not None and not isinstance(upload, str):
+                image = await upload.read(max_image_bytes + 1)
+                await upload.close()
+                if len(image) > max_image_bytes:
+                    raise HTTPException(413, f"image larger than {max_image_bytes} bytes")
+            return options, image
+        raw = await request.body()
+        if not raw.strip():
+            return SessionOptions(), None
+        if "json" not in ctype and ctype:
+            raise HTTPException(
+                415, "send the image as multipart/form-data (field 'image') or JSON image_base64"
+            )
+        options = SessionOptions.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise HTTPException(422, f"invalid session options: {problems}") from None
+    image = None
+    if options.image_base64:
+        data = options.image_base64
+        if data.startswith("data:"):
+            data = data.partition(",")[2]
+        try:
+            image = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidImageError("image_base64 is not valid base64") from None
+        if len(image) > max_image_bytes:
+            raise HTTPException(413, f"image larger than {max_image_bytes} bytes")
+    return options, image
