@@ -30,6 +30,7 @@ from models.errors import (
 )
 from pipelines.executors.base import Executor
 from stream.metrics import ServiceMetrics
+from stream.quotas import QuotaExceeded
 from stream.routes import audio, ops, page, sessions
 from stream.sessions import AdmissionError, SessionManager
 from stream.settings import Settings
@@ -128,6 +129,7 @@ def create_app(settings: Settings | None = None, *, executor: Executor | None = 
 # Errors ------------------------------------------------------------------------------------------
 
 _STATUS = [
+    (QuotaExceeded, 429),
     (AdmissionError, 503),
     (ViewerConflict, 409),
     (OfferError, 400),
@@ -144,5 +146,11 @@ def _install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     async def _project_error(request: Request, exc: DiffstreamError) -> JSONResponse:
         status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 400)
         metrics.client_errors.labels(kind=type(exc).__name__).inc()
+        if isinstance(exc, QuotaExceeded):  # which limit, and when to come back
+            return JSONResponse(
+                exc.body(),
+                status_code=status,
+                headers={"Retry-After": str(exc.retry_after_header())},
+            )
         headers = {"Retry-After": "5"} if status == 503 else None
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)

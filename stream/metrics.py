@@ -34,7 +34,10 @@ class ServiceMetrics:
         )
         self.sessions_rejected = Counter(
             "diffstream_sessions_rejected",
-            "Session requests refused by admission control",
+            "Session requests refused by admission control, by reason: capacity (503, the "
+            "server's max_sessions), engine_busy (503), client_sessions and client_rate (429, "
+            "one client's quota), draining (503, shutting down)",
+            ["reason"],
             registry=r,
         )
         self.frames_sent = Counter(

@@ -30,6 +30,7 @@ from stream.ingest import AudioIngest
 from stream.metrics import ServiceMetrics
 from stream.playback import PlaybackTracker
 from stream.protocol import CloseCode, SessionInfo
+from stream.quotas import QuotaExceeded, SessionRateLimiter
 from stream.recording import SessionRecorder
 from stream.scheduler import BlockScheduler
 from stream.settings import Settings
@@ -72,6 +73,10 @@ class Session:
         self._on_closed = on_closed
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.client: str | None = None  # whose quota it counts against (stream.quotas)
+        # Whether a viewer (offer) or an audio socket ever attached: a session nobody ever
+        # used ends after idle_no_viewer_s, a used one after idle_timeout_s.
+        self.watched = False
         self.pc: RTCPeerConnection | None = None
         self.video_sender: RTCRtpSender | None = None
         self.viewer_connected_at: float | None = None
@@ -125,6 +130,26 @@ class Session:
         self.last_fps = 0.0
 
     # Lifecycle --------------------------------------------------------------------------------
+
+    @property
+    def pc(self) -> RTCPeerConnection | None:
+        return self._pc
+
+    @pc.setter
+    def pc(self, value: RTCPeerConnection | None) -> None:
+        self._pc = value
+        if value is not None:
+            self.watched = True
+
+    @property
+    def audio_socket(self) -> AudioSocket | None:
+        return self._audio_socket
+
+    @audio_socket.setter
+    def audio_socket(self, value: AudioSocket | None) -> None:
+        self._audio_socket = value
+        if value is not None:
+            self.watched = True
 
     @property
     def closed(self) -> bool:
@@ -381,6 +406,8 @@ class SessionManager:
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
         self._reserved = 0
+        self._reserved_by: dict[str, int] = {}  # client -> sessions being opened
+        self.rate = SessionRateLimiter(settings.session_rate, settings.session_burst)
         self._reaper: asyncio.Task[None] | None = None
         metrics.active_sessions.set_function(lambda: len(self.sessions))
         depth = metrics.queue_depth
@@ -405,6 +432,40 @@ class SessionManager:
     def in_use(self) -> int:
         return len(self.sessions) + self._reserved
 
+    def held_by(self, client: str) -> int:
+        """Sessions `client` holds or is opening."""
+        open_ = sum(1 for s in self.sessions.values() if s.client == client and not s.closed)
+        return open_ + self._reserved_by.get(client, 0)
+
+    def admit(self, client: str | None = None) -> None:
+        """Raise if a new session cannot be admitted now: the server's capacity first (503,
+        `AdmissionError`, as before quotas existed), then the client's own quotas (429,
+        `QuotaExceeded`). Counted by reason in diffstream_sessions_rejected_total."""
+        if self.in_use >= self.settings.max_sessions:
+            self.metrics.sessions_rejected.labels(reason="capacity").inc()
+            raise AdmissionError(
+                f"server at capacity: {self.in_use} of {self.settings.max_sessions} sessions in "
+                "use; retry when one ends"
+            )
+        limit = self.settings.max_sessions_per_client
+        if client is not None and (held := self.held_by(client)) >= limit:
+            self.metrics.sessions_rejected.labels(reason="client_sessions").inc()
+            raise QuotaExceeded(
+                f"too many sessions for this client: it holds {held} of its {limit}; end one "
+                "(DELETE /v1/sessions/{id}) or wait until one ends",
+                limit="sessions_per_client",
+                retry_after_s=5.0,
+            )
+        if client is not None and (wait := self.rate.wait_s(client)) > 0:
+            self.metrics.sessions_rejected.labels(reason="client_rate").inc()
+            raise QuotaExceeded(
+                f"sessions created too fast by this client: at most "
+                f"{self.settings.session_rate:g} per minute (bursts of "
+                f"{self.settings.session_burst}); retry in {wait:.1f} s",
+                limit="session_rate",
+                retry_after_s=wait,
+            )
+
     async def create(
         self,
         reference: Any,
@@ -413,14 +474,14 @@ class SessionManager:
         steps: int | None = None,
         sink_refresh: bool | None = None,
         prompt: str | None = None,
+        client: str | None = None,
     ) -> Session:
-        """Admit and open a session; raises AdmissionError when full."""
-        if self.in_use >= self.settings.max_sessions:
-            self.metrics.sessions_rejected.inc()
-            raise AdmissionError(
-                f"server at capacity: {self.in_use} of {self.settings.max_sessions} sessions in "
-                "use; retry when one ends"
-            )
+        """Admit and open a session for `client` (see `admit`); raises AdmissionError when the
+        server is full, QuotaExceeded when the client is over its own limits."""
+        self.admit(client)
+        if client is not None:
+            self.rate.take(client)
+            self._reserved_by[client] = self._reserved_by.get(client, 0) + 1
         self._reserved += 1
         try:
             spec = SessionSpec(
@@ -434,12 +495,19 @@ class SessionManager:
             try:
                 await asyncio.to_thread(self.executor.open_session, spec)
             except ExecutorBusy:
-                self.metrics.sessions_rejected.inc()
+                self.metrics.sessions_rejected.labels(reason="engine_busy").inc()
                 raise AdmissionError("the engine's queue is full; retry in a few seconds") from None
             session = Session(spec, self.executor, self.settings, self.metrics, self._forget)
+            session.client = client
             self.sessions[session.id] = session
         finally:
             self._reserved -= 1
+            if client is not None:
+                left = self._reserved_by.get(client, 1) - 1
+                if left > 0:
+                    self._reserved_by[client] = left
+                else:
+                    self._reserved_by.pop(client, None)
         log.info(
             "session %s opened (%d of %d)", session.id, self.in_use, self.settings.max_sessions
         )
@@ -466,13 +534,22 @@ class SessionManager:
             self._reaper = None
 
     async def _reap(self) -> None:
+        settings = self.settings
         while True:
-            await asyncio.sleep(min(5.0, self.settings.idle_timeout_s / 2))
+            await asyncio.sleep(
+                min(2.0, settings.idle_timeout_s / 2, settings.idle_no_viewer_s / 4)
+            )
             for session in list(self.sessions.values()):
-                if (
-                    session.state == "created"
-                    and session._idle_for() > self.settings.idle_timeout_s
-                ):
+                if session.state != "created" or session.closed:
+                    continue
+                unwatched_for = time.monotonic() - session.created
+                if not session.watched and unwatched_for > settings.idle_no_viewer_s:
+                    # Created and never used: a script that crashed, a page never opened.
+                    await session.close(
+                        "no_viewer",
+                        f"no viewer and no audio socket within {settings.idle_no_viewer_s:g} s",
+                    )
+                elif session._idle_for() > settings.idle_timeout_s:
                     await session.close("idle", "no viewer connected")
 
 

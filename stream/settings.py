@@ -84,6 +84,26 @@ class Settings(BaseSettings):
     viewer_timeout_s: float = Field(
         10.0, gt=0, description="end a session whose viewer sent no RTCP report for this long"
     )
+    idle_no_viewer_s: float = Field(
+        10.0,
+        gt=0,
+        description="end a session that never got a viewer (no WebRTC offer) nor an audio socket "
+        "after this long; one that had either idles out after idle_timeout_s instead",
+    )
+
+    # Per-client quotas: a client is its bearer token when auth is on, else its address.
+    max_sessions_per_client: int = Field(
+        2, ge=1, description="sessions one client may hold at once (429 beyond)"
+    )
+    session_rate: float = Field(
+        60.0,
+        ge=0,
+        description="sessions one client may create per minute, a token bucket of "
+        "session_burst (429 beyond; 0: no limit)",
+    )
+    session_burst: int = Field(
+        20, ge=1, description="sessions one client may create at once before session_rate applies"
+    )
 
     # Real-time behaviour.
     degrade: Literal["drop", "none"] = "drop"

@@ -364,7 +364,7 @@ def test_admission_refuses_session_n_plus_one_until_one_ends(small_service: Serv
     ids = [ids[1], body["session_id"]]
     for sid in ids:
         http("DELETE", f"{base}/v1/sessions/{sid}")
-    assert small_service.metrics()["diffstream_sessions_rejected_total"] >= 1
+    assert small_service.metrics()['diffstream_sessions_rejected_total{reason="capacity"}'] >= 1
     assert http("GET", f"{base}/v1/sessions")[1] == []
 
 

@@ -13,6 +13,7 @@ from fastapi import Depends, HTTPException, Request
 from starlette.requests import HTTPConnection
 
 from stream.metrics import ServiceMetrics
+from stream.quotas import client_key
 from stream.sessions import SessionManager
 from stream.settings import Settings
 
@@ -65,3 +66,10 @@ def require_token(request: Request) -> None:
 
 
 AUTH = [Depends(require_token)]
+
+
+def client_of(conn: HTTPConnection) -> str:
+    """Whom a request's sessions count against (stream.quotas): its token when the service
+    has one (checked by `require_token` before), else its address."""
+    token = bearer_token(conn) if auth_token(get_settings(conn)) is not None else None
+    return client_key(token, conn.client.host if conn.client else None)

@@ -13,9 +13,7 @@ from pydantic import ValidationError
 
 from models.errors import ConfigError, InvalidImageError
 from stream.protocol import Answer, Offer, SessionCreated, SessionInfo, SessionOptions
-from stream.routes.deps import AUTH, ManagerDep, SettingsDep
-from stream.sessions import AdmissionError
-from stream.turn import session_ice_servers
+from stream.routes.deps import AUTH, ManagerDep, SettingsDep, client_of
 from stream.webrtc import answer_offer
 
 router = APIRouter(tags=["sessions"], dependencies=AUTH)
@@ -52,14 +50,10 @@ async def create_session(
     request: Request, settings: SettingsDep, mgr: ManagerDep
 ) -> SessionCreated:
     """Open a session from a reference image (multipart `image` or JSON `image_base64`;
-    none: the default avatar) and options. 503 with Retry-After when at capacity."""
-    if mgr.in_use >= settings.max_sessions:
-        # Refuse before reading a large upload.
-        mgr.metrics.sessions_rejected.inc()
-        raise AdmissionError(
-            f"server at capacity: {mgr.in_use} of {settings.max_sessions} sessions in use; "
-            "retry when one ends"
-        )
+    none: the default avatar) and options. 429 with Retry-After when this client is over its
+    quota (sessions held, creation rate), 503 with Retry-After when the server is at capacity."""
+    client = client_of(request)
+    mgr.admit(client)  # refuse before reading a large upload
     options, image = await read_session_request(request, settings.max_image_bytes)
     info = request.app.state.executor.info
     asked = (options.width or info.width, options.height or info.height)
@@ -80,6 +74,7 @@ async def create_session(
         steps=options.steps,
         sink_refresh=options.sink_refresh,
         prompt=options.prompt,
+        client=client,
     )
     base = f"/v1/sessions/{session.id}"
     return SessionCreated(
@@ -90,7 +85,7 @@ async def create_session(
         audio_sample_rate=info.audio_sample_rate,
         offer_url=f"{base}/offer",
         audio_url=f"{base}/audio",
-        ice_servers=session_ice_servers(settings, session),
+        ice_servers=settings.ice_servers(),
     )
 
 
@@ -107,7 +102,7 @@ async def get_session(session_id: str, settings: SettingsDep, mgr: ManagerDep) -
         **session.describe().model_dump(),
         "offer_url": f"{base}/offer",
         "audio_url": f"{base}/audio",
-        "ice_servers": session_ice_servers(settings, session),
+        "ice_servers": settings.ice_servers(),
         "stats": session.stats(),
     }
 
