@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = {**machine(), "model": args.model, "seconds": args.seconds}
     results: dict[int, list[dict]] = {}
-    flags = ["--max-sessions", str(max(args.sessions)), *args.serve_arg]
+    most = str(max(args.sessions))  # all sessions come from this one client
+    flags = ["--max-sessions", most, "--max-sessions-per-client", most, *args.serve_arg]
     with ServiceProcess(*flags, model=args.model) as svc:
         for k in args.sessions:
             results[k] = asyncio.run(round_of(svc.base, k, args.seconds))

@@ -169,7 +169,15 @@ def service(tmp_path_factory: pytest.TempPathFactory):
     # No degradation on purpose: the claims here are about the integration, and a busy test
     # machine must not drop speech behind real time.
     with ServiceProcess(
-        "--auth-token", TOKEN, "--max-sessions", "4", "--degrade", "none", log_path=log
+        "--auth-token",
+        TOKEN,
+        "--max-sessions",
+        "4",
+        "--max-sessions-per-client",
+        "4",  # one token: every session here is the same client
+        "--degrade",
+        "none",
+        log_path=log,
     ) as svc:
         svc.block_s = 3 * 4 / 25  # tiny: 3 latent frames of 4 video frames at 25 fps
         yield svc
