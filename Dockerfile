@@ -5,8 +5,9 @@
 #   docker run --network host -e DIFFSTREAM_DEVICES=cpu diffstream  # no GPU
 #
 # WebRTC media flows over UDP on ports ICE picks at random, so either run with --network host
-# (Linux) or give the service a TURN server (DIFFSTREAM_TURN_SERVERS, _TURN_USERNAME,
-# _TURN_PASSWORD) that both sides can reach. Settings are DIFFSTREAM_* variables or serve flags.
+# (Linux) or give the service a TURN server (DIFFSTREAM_TURN_SERVERS with _TURN_SECRET, or
+# _TURN_USERNAME and _TURN_PASSWORD) that both sides can reach. Settings are DIFFSTREAM_*
+# variables or serve flags.
 FROM nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \

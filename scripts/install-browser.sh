@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Debian's chromium for the end-to-end browser tests (never a downloaded browser build) and
-# espeak-ng, whose real speech the lip-sync tests and the page's sample audio use. Fails loudly
-# (a message on stderr, exit 1) when either is still missing after installing: `make test` would
-# fail on the tests that need them anyway (DIFFSTREAM_STRICT_SKIPS), this says why first.
+# Debian's chromium for the end-to-end browser tests (never a downloaded browser build),
+# espeak-ng, whose real speech the lip-sync tests and the page's sample audio use, and coturn,
+# whose turnserver tests/test_turn.py starts to relay a session with short-lived credentials.
+# Fails loudly (a message on stderr, exit 1) when one is still missing after installing:
+# `make test` would fail on the tests that need them anyway (DIFFSTREAM_STRICT_SKIPS), this
+# says why first.
 set -euo pipefail
 CHROMIUM=/usr/bin/chromium # where tests/test_browser.py looks
 
@@ -11,9 +13,11 @@ fail() {
 	exit 1
 }
 
-if [ -x "$CHROMIUM" ] && command -v espeak-ng >/dev/null; then exit 0; fi
+if [ -x "$CHROMIUM" ] && command -v espeak-ng >/dev/null && command -v turnserver >/dev/null; then
+	exit 0
+fi
 command -v apt-get >/dev/null ||
-	fail "apt-get not found; install chromium at $CHROMIUM and espeak-ng on PATH by hand"
+	fail "apt-get not found; install chromium at $CHROMIUM, espeak-ng and coturn by hand"
 SUDO=
 if [ "$(id -u)" != "0" ]; then
 	command -v sudo >/dev/null || fail "not root and no sudo: run it as root"
@@ -21,8 +25,9 @@ if [ "$(id -u)" != "0" ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq || fail "apt-get update failed (see above)"
-$SUDO apt-get install -y -qq chromium espeak-ng >/dev/null ||
-	fail "apt-get install chromium espeak-ng failed (see above)"
+$SUDO apt-get install -y -qq chromium espeak-ng coturn >/dev/null ||
+	fail "apt-get install chromium espeak-ng coturn failed (see above)"
 [ -x "$CHROMIUM" ] ||
 	fail "chromium is not at $CHROMIUM after installing it, and the browser tests look there"
 command -v espeak-ng >/dev/null || fail "espeak-ng is not on PATH after installing it"
+command -v turnserver >/dev/null || fail "coturn's turnserver is not on PATH after installing it"

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCIceTransportPolicy,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import MediaStreamError
 
 # What aiortc's receiver holds back before a frame reaches `track.recv()` (rtcrtpreceiver.py,
@@ -131,10 +137,25 @@ class AvatarClient:
         self.session_id = body["session_id"]
         return body
 
-    async def watch(self, *, audio: bool = True, stats: bool = True) -> None:
-        """Offer to receive the avatar; frames are recorded as they arrive."""
+    async def watch(
+        self, *, audio: bool = True, stats: bool = True, relay_only: bool = False
+    ) -> None:
+        """Offer to receive the avatar; frames are recorded as they arrive.
+
+        ICE uses the session's `ice_servers`, as a browser would; `relay_only` is the browser's
+        iceTransportPolicy "relay" (only TURN relay candidates).
+        """
         assert self.session_id is not None
-        pc = RTCPeerConnection()
+        servers = [
+            RTCIceServer(
+                urls=entry["urls"],
+                username=entry.get("username"),
+                credential=entry.get("credential"),
+            )
+            for entry in self.session.get("ice_servers") or []
+        ]
+        policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=servers, iceTransportPolicy=policy))
         self.pc = pc
         pc.addTransceiver("video", direction="recvonly")
         if audio:

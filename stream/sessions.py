@@ -67,6 +67,7 @@ class Session:
         self.settings = settings
         self.metrics = metrics
         self.created = time.monotonic()
+        self.created_at = time.time()  # unix time; its TURN credentials expire turn_ttl_s after
         self.state = "created"
         self.outcome: str | None = None
         self.error: str | None = None

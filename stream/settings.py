@@ -121,6 +121,17 @@ class Settings(BaseSettings):
     turn_servers: CommaList = Field(default_factory=list)
     turn_username: str | None = None
     turn_password: SecretStr | None = None
+    turn_secret: SecretStr | None = Field(
+        None,
+        description="coturn's static-auth-secret (use-auth-secret): each session gets its own "
+        "short-lived TURN credentials (stream/turn.py) instead of the static username/password",
+    )
+    turn_ttl_s: int = Field(
+        3600,
+        ge=60,
+        le=7 * 86400,
+        description="how long a session's TURN credentials work, from its creation (turn_secret)",
+    )
 
     # Access.
     auth_token: SecretStr | None = None
@@ -156,16 +167,31 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _turn_needs_credentials(self) -> Settings:
+        if self.turn_secret is not None:
+            if not self.turn_servers:
+                raise ValueError(
+                    "turn_secret needs TURN servers (--turn / DIFFSTREAM_TURN_SERVERS)"
+                )
+            if self.turn_username or self.turn_password:
+                raise ValueError(
+                    "turn_secret (per-session credentials) and turn_username/turn_password "
+                    "(static ones) exclude each other; give only one"
+                )
+            return self
         if self.turn_servers and not (self.turn_username and self.turn_password):
-            raise ValueError("TURN servers need turn_username and turn_password")
+            raise ValueError("TURN servers need turn_username and turn_password (or turn_secret)")
         return self
 
     def ice_servers(self) -> list[dict[str, object]]:
-        """ICE servers in the browser's RTCIceServer shape (also what aiortc is given)."""
+        """ICE servers in the browser's RTCIceServer shape (also what aiortc is given).
+
+        With `turn_secret` the TURN entry is left out: its credentials are per session
+        (`stream.turn.session_ice_servers`), and the secret never leaves the service.
+        """
         servers: list[dict[str, object]] = []
         if self.stun_servers:
             servers.append({"urls": list(self.stun_servers)})
-        if self.turn_servers:
+        if self.turn_servers and self.turn_secret is None:
             servers.append(
                 {
                     "urls": list(self.turn_servers),

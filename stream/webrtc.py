@@ -21,6 +21,7 @@ from models.errors import DiffstreamError
 from stream.protocol import Answer, Offer
 from stream.sessions import Session
 from stream.settings import Settings
+from stream.turn import session_ice_servers
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,15 @@ def check_offer(offer: Offer) -> SessionDescription:
     return parsed
 
 
-def _configuration(settings: Settings) -> RTCConfiguration:
+def _configuration(settings: Settings, session: Session) -> RTCConfiguration:
+    """The service peer's ICE servers; with turn_secret, TURN credentials of its own."""
     servers = [
         RTCIceServer(
             urls=entry["urls"],  # type: ignore[arg-type]
             username=entry.get("username"),  # type: ignore[arg-type]
             credential=entry.get("credential"),  # type: ignore[arg-type]
         )
-        for entry in settings.ice_servers()
+        for entry in session_ice_servers(settings, session, service=True)
     ]
     return RTCConfiguration(iceServers=servers)
 
@@ -77,7 +79,7 @@ async def answer_offer(session: Session, offer: Offer, settings: Settings) -> An
     parsed = check_offer(offer)
     if session.pc is not None and session.pc.connectionState not in ("closed", "failed"):
         raise ViewerConflict(f"session {session.id} already has a viewer; DELETE it and start anew")
-    pc = RTCPeerConnection(configuration=_configuration(settings))
+    pc = RTCPeerConnection(configuration=_configuration(settings, session))
     session.pc = pc
 
     @pc.on("connectionstatechange")

@@ -28,8 +28,8 @@ def _fail_skip(report, what: str) -> None:
     report.outcome = "failed"
     report.longrepr = (
         f"{what} skipped ({_skip_reason(report.longrepr)}), and DIFFSTREAM_STRICT_SKIPS=1 makes "
-        "a skip a failure: install what it needs (scripts/install-browser.sh for chromium and "
-        "espeak-ng), or mark it `gpu` if it needs hardware CI does not have"
+        "a skip a failure: install what it needs (scripts/install-browser.sh for chromium, "
+        "espeak-ng and coturn), or mark it `gpu` if it needs hardware CI does not have"
     )
 
 

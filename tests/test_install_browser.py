@@ -1,5 +1,5 @@
-"""scripts/install-browser.sh fails loudly when chromium or espeak-ng is still missing after
-installing, so CI stops at the cause instead of at the browser tests.
+"""scripts/install-browser.sh fails loudly when chromium, espeak-ng or coturn's turnserver is
+still missing after installing, so CI stops at the cause instead of at the tests needing them.
 
 The script runs against stubs: an `apt-get` that installs nothing, `sudo` and `id`, on a PATH
 of their own, with its chromium path pointed into a temporary folder.
@@ -24,7 +24,7 @@ def _executable(path: Path, text: str) -> Path:
 
 
 def run_installer(
-    tmp_path: Path, *, chromium: bool, espeak: bool, apt: bool = True
+    tmp_path: Path, *, chromium: bool, espeak: bool, apt: bool = True, turnserver: bool = True
 ) -> subprocess.CompletedProcess:
     source = SCRIPT.read_text()
     assert source.count(CHROMIUM_LINE) == 1  # the one place the tests' path is written
@@ -41,6 +41,8 @@ def run_installer(
         _executable(bin_dir / "apt-get", f'#!/bin/sh\necho "$@" >> {tmp_path}/apt.log\n')
     if espeak:
         _executable(bin_dir / "espeak-ng", "#!/bin/sh\n")
+    if turnserver:
+        _executable(bin_dir / "turnserver", "#!/bin/sh\n")
     return subprocess.run(
         [shutil.which("bash"), str(script)],
         env={"PATH": str(bin_dir)},
@@ -50,27 +52,30 @@ def run_installer(
     )
 
 
-def test_nothing_to_do_when_both_are_there(tmp_path):
+def test_nothing_to_do_when_all_are_there(tmp_path):
     r = run_installer(tmp_path, chromium=True, espeak=True)
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "apt.log").exists()
 
 
 @pytest.mark.parametrize(
-    ("chromium", "espeak", "message"),
+    ("chromium", "espeak", "turnserver", "message"),
     [
-        (False, True, "chromium is not at"),
-        (True, False, "espeak-ng is not on PATH"),
-        (False, False, "chromium is not at"),
+        (False, True, True, "chromium is not at"),
+        (True, False, True, "espeak-ng is not on PATH"),
+        (False, False, True, "chromium is not at"),
+        (True, True, False, "turnserver is not on PATH"),
     ],
 )
-def test_fails_loudly_when_still_missing_after_installing(tmp_path, chromium, espeak, message):
-    """Fails if the script trusts apt-get's exit status (tried: without the two checks after
-    the install it exits 0 here)."""
-    r = run_installer(tmp_path, chromium=chromium, espeak=espeak)
+def test_fails_loudly_when_still_missing_after_installing(
+    tmp_path, chromium, espeak, turnserver, message
+):
+    """Fails if the script trusts apt-get's exit status (tried: without the checks after the
+    install it exits 0 here; without the turnserver check, 0 in the last case)."""
+    r = run_installer(tmp_path, chromium=chromium, espeak=espeak, turnserver=turnserver)
     assert r.returncode == 1
     assert message in r.stderr
-    assert "install -y -qq chromium espeak-ng" in (tmp_path / "apt.log").read_text()
+    assert "install -y -qq chromium espeak-ng coturn" in (tmp_path / "apt.log").read_text()
 
 
 def test_fails_loudly_without_apt_get(tmp_path):

@@ -66,6 +66,19 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ),
     ("--turn-username", "turn_username", str, "username for the TURN servers"),
     ("--turn-password", "turn_password", str, "password for the TURN servers"),
+    (
+        "--turn-secret",
+        "turn_secret",
+        str,
+        "coturn's static-auth-secret (use-auth-secret): short-lived TURN credentials per "
+        "session instead of --turn-username/--turn-password",
+    ),
+    (
+        "--turn-ttl-seconds",
+        "turn_ttl_s",
+        int,
+        "how long a session's TURN credentials work, from its creation (default 3600)",
+    ),
     ("--log-level", "log_level", str, "debug, info, warning or error"),
 ]
 _LISTS: list[tuple[str, str, str]] = [

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from models.errors import ConfigError, InvalidImageError
 from stream.protocol import Answer, Offer, SessionCreated, SessionInfo, SessionOptions
 from stream.routes.deps import AUTH, ManagerDep, SettingsDep, client_of
+from stream.turn import session_ice_servers
 from stream.webrtc import answer_offer
 
 router = APIRouter(tags=["sessions"], dependencies=AUTH)
@@ -85,7 +86,7 @@ async def create_session(
         audio_sample_rate=info.audio_sample_rate,
         offer_url=f"{base}/offer",
         audio_url=f"{base}/audio",
-        ice_servers=settings.ice_servers(),
+        ice_servers=session_ice_servers(settings, session),
     )
 
 
@@ -102,7 +103,7 @@ async def get_session(session_id: str, settings: SettingsDep, mgr: ManagerDep) -
         **session.describe().model_dump(),
         "offer_url": f"{base}/offer",
         "audio_url": f"{base}/audio",
-        "ice_servers": settings.ice_servers(),
+        "ice_servers": session_ice_servers(settings, session),
         "stats": session.stats(),
     }
 
