@@ -126,6 +126,14 @@ def create_app(settings: Settings | None = None, *, executor: Executor | None = 
     return app
 
 
+async def drain(app: FastAPI, seconds: float) -> None:
+    """Graceful shutdown's first half (SIGTERM, see stream.server): stop admitting, let running
+    sessions play out for up to `seconds`, end the rest. The lifespan's exit does the rest."""
+    manager: SessionManager | None = getattr(app.state, "sessions", None)
+    if manager is not None:
+        await manager.drain(seconds)
+
+
 # Errors ------------------------------------------------------------------------------------------
 
 _STATUS = [

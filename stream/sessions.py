@@ -49,6 +49,10 @@ class AdmissionError(SessionError):
     """The server is at its session limit."""
 
 
+class Draining(AdmissionError):
+    """The server is shutting down (SIGTERM) and admits no new session."""
+
+
 class Session:
     """One avatar stream: audio in through `ingest`, frames out through `video`/`audio` tracks."""
 
@@ -220,6 +224,22 @@ class Session:
         log.debug(
             "session %s: collected in %.1f ms", self.id, 1000 * (time.perf_counter() - started)
         )
+
+    def announce_closing(self, within_s: float) -> None:
+        """Tell the audio socket and the viewer's stats channel that the server is shutting
+        down: the session plays on for up to `within_s` seconds, then ends (close code 1001)."""
+        event = {
+            "type": "closing",
+            "message": "server is shutting down",
+            "reason": "shutdown",
+            "within_s": within_s,
+        }
+        if self.audio_socket is not None:
+            self.audio_socket.post(event)
+        channel = self.stats_channel
+        if channel is not None and channel.readyState == "open":
+            with contextlib.suppress(Exception):
+                channel.send(json.dumps(event))
 
     def _on_generation_error(self, message: str) -> None:
         self.spawn(self.close("error", message), "close")
@@ -409,6 +429,7 @@ class SessionManager:
         self._reserved = 0
         self._reserved_by: dict[str, int] = {}  # client -> sessions being opened
         self.rate = SessionRateLimiter(settings.session_rate, settings.session_burst)
+        self.draining = False  # SIGTERM: no new sessions (see drain)
         self._reaper: asyncio.Task[None] | None = None
         metrics.active_sessions.set_function(lambda: len(self.sessions))
         depth = metrics.queue_depth
@@ -442,6 +463,9 @@ class SessionManager:
         """Raise if a new session cannot be admitted now: the server's capacity first (503,
         `AdmissionError`, as before quotas existed), then the client's own quotas (429,
         `QuotaExceeded`). Counted by reason in diffstream_sessions_rejected_total."""
+        if self.draining:
+            self.metrics.sessions_rejected.labels(reason="draining").inc()
+            raise Draining("server is shutting down and admits no new session; use another one")
         if self.in_use >= self.settings.max_sessions:
             self.metrics.sessions_rejected.labels(reason="capacity").inc()
             raise AdmissionError(
@@ -522,6 +546,26 @@ class SessionManager:
             *(s.close(outcome, "server shutting down") for s in list(self.sessions.values())),
             return_exceptions=True,
         )
+
+    async def drain(self, seconds: float) -> None:
+        """Stop admitting; tell every session's clients the server is going away; let running
+        sessions end by themselves (their audio played out or stopped) for up to `seconds`; end
+        the rest (outcome shutdown, close code 1001). Sessions that never started streaming
+        have nothing to play out and end at once."""
+        self.draining = True
+        deadline = time.monotonic() + seconds
+        log.info("draining: %d sessions, up to %g s", len(self.sessions), seconds)
+        unstarted = []
+        for session in list(self.sessions.values()):
+            session.announce_closing(seconds)
+            if session.state == "created":
+                unstarted.append(session.close("shutdown", "server shutting down"))
+        await asyncio.gather(*unstarted, return_exceptions=True)
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.sessions:
+            log.info("drain deadline: ending %d sessions", len(self.sessions))
+        await self.close_all("shutdown")
 
     def start_reaper(self) -> None:
         """Sessions that never got a viewer have no stats loop; end them when idle too."""

@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     session_burst: int = Field(
         20, ge=1, description="sessions one client may create at once before session_rate applies"
     )
+    drain_s: float = Field(
+        30.0,
+        ge=0,
+        description="on SIGTERM, stop admitting and let running sessions play out for up to this "
+        "long before ending them and exiting",
+    )
 
     # Real-time behaviour.
     degrade: Literal["drop", "none"] = "drop"

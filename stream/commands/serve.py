@@ -64,6 +64,12 @@ _FLAGS: list[tuple[str, str, type, str]] = [
         int,
         "sessions one client may create at once before --session-rate applies (default 20)",
     ),
+    (
+        "--drain-seconds",
+        "drain_s",
+        float,
+        "on SIGTERM, let running sessions play out for up to this long, then exit (default 30)",
+    ),
     ("--turn-username", "turn_username", str, "username for the TURN servers"),
     ("--turn-password", "turn_password", str, "password for the TURN servers"),
     (

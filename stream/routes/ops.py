@@ -17,12 +17,13 @@ router = APIRouter(tags=["ops"])
 
 @router.get("/healthz")
 async def healthz(request: Request, settings: SettingsDep) -> JSONResponse:
-    """Liveness and load; 503 when the executor's worker is gone."""
+    """Liveness and load; 503 when the executor's worker is gone or the server is draining."""
     executor = getattr(request.app.state, "executor", None)
     sessions = getattr(request.app.state, "sessions", None)
-    healthy = executor is not None and executor.healthy()
+    draining = sessions is not None and sessions.draining
+    healthy = executor is not None and executor.healthy() and not draining
     body = {
-        "status": "ok" if healthy else "unhealthy",
+        "status": "ok" if healthy else "draining" if draining else "unhealthy",
         "model": executor.info.name if executor is not None else None,
         "executor": settings.executor,
         "sessions": len(sessions.sessions) if sessions else 0,
