@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                             "predicted_speedup": local_pred.period_s / pred.period_s,
                             "link_latency_ms": 1e3 * run.link.latency_s,
                             "link_cpu_ms": 1e3 * run.link.cpu_s,
+                            "link_post_ms": 1e3 * run.link.post_s,
                         }
                     )
             finally:

@@ -7,11 +7,17 @@ single layers of the model's real sizes on the current device), sizes from the m
 
     seconds per message = latency + bytes * 8 / (Gb/s * 1e9)    (+ CPU per message, for gloo)
 
+The executors post a block's sends along the pipeline without waiting (wire.Link, wait=False),
+so a transfer runs beside the sender's next compute: a stage's period is max(compute + posting,
+transfer), not their sum (LinkModel.stage; overlap=False models blocking sends). A block's
+latency still pays every hop in full: it cannot go on before it has arrived.
+
 From them, for N devices (each strategy's layout is the executors' own):
 
 * local      one device runs features, S steps (+ the re-encode pass in reencode mode), decode.
-* tpp        N-1 step ranks (contiguous step ranges) + 1 decode rank; the slowest stage, hop
-             included, sets the period; latency is the sum of the stages.
+* tpp        N-1 step ranks (contiguous step ranges) + 1 decode rank; the slowest stage, its
+             overlapped hop included, sets the period; latency is the sum of the stages and
+             their hops.
 * dualparal  N-1 layer ranks + 1 decode rank; an iteration sends the queue's S blocks through the
              ring of layer ranks: period max(S * slowest stage, one block's trip around the ring);
              a block stays S iterations, and live audio arrives one block per block duration, so
@@ -67,15 +73,31 @@ STRATEGIES = ("local", "tpp", "dualparal", "tpp+layers")
 
 @dataclass(frozen=True)
 class LinkModel:
-    """Time on the wire per message (latency + bytes / bandwidth), and the CPU a message costs
-    its two ends (pickling, copies; ~0 for NCCL, measurable for gloo on CPU)."""
+    """Time on the wire per message (latency + bytes / bandwidth), the CPU a message costs its
+    two ends (pickling, copies; ~0 for NCCL, measurable for gloo on CPU), and the sender's own
+    seconds per message to pack and post it, which stay on its stage when sends overlap."""
 
     gbps: float = 100.0
     latency_s: float = 10e-6
     cpu_s: float = 0.0
+    post_s: float = 0.0
+    overlap: bool = True  # sends posted without waiting, as the executors do
 
     def seconds(self, nbytes: float, messages: int = 1) -> float:
         return messages * self.latency_s + nbytes * 8 / (self.gbps * 1e9)
+
+    def stage(self, compute_s: float, nbytes: float, messages: int = 2) -> float:
+        """Period of a stage that computes for `compute_s`, then sends `nbytes` on (a control
+        frame + a tensor buffer: 2 sends). Overlapped, the transfer runs beside the next
+        compute: max(compute + posting, transfer); blocking, the stage waits for it: the sum."""
+        wire = self.seconds(nbytes, messages)
+        if self.overlap:
+            return max(compute_s + self.post_s, wire)
+        return compute_s + wire
+
+    def trip(self, compute_s: float, nbytes: float, messages: int = 2) -> float:
+        """Latency of the same stage for one block: compute, posting and the whole transfer."""
+        return compute_s + (self.post_s if self.overlap else 0.0) + self.seconds(nbytes, messages)
 
 
 @dataclass
@@ -194,16 +216,16 @@ def predict_tpp(
         raise ConfigError("tpp needs at least 2 devices")
     ranks = min(devices - 1, shape.steps)
     parts = split_steps(shape.steps, ranks)
-    hop_bytes = shape.latent_bytes + shape.audio_bytes
-    hop = link.seconds(hop_bytes, messages=2)  # control frame + tensors
-    stages = [
-        len(r) * costs.step_s + (costs.features_s if i == 0 else 0.0) + hop
-        for i, r in enumerate(parts)
+    hop_bytes = shape.latent_bytes + shape.audio_bytes  # control frame + tensors: 2 sends
+    work = [
+        len(r) * costs.step_s + (costs.features_s if i == 0 else 0.0) for i, r in enumerate(parts)
     ]
-    stages.append(costs.decode_s + link.seconds(shape.latent_bytes, messages=2))
+    stages = [link.stage(w, hop_bytes) for w in work]  # the hop overlaps the next block
+    decode = costs.decode_s + link.seconds(shape.latent_bytes, messages=2)  # frames: blocking
+    stages.append(decode)
     compute = _compute_s(shape, costs, link, messages=ranks + 1)
     period = _bound(compute, len(stages), max(stages), cores)
-    latency = sum(stages)
+    latency = sum(link.trip(w, hop_bytes) for w in work) + decode
     mems = [
         device_memory(
             shape,
@@ -235,22 +257,31 @@ def predict_tpp(
 
 def _dualparal_stages(
     shape: ModelShape, costs: Costs, ranks: int, link: LinkModel
-) -> tuple[list[float], list[range], float]:
-    """Busy seconds per layer rank for one forward of one block, its ranges, and the ring hop."""
+) -> tuple[list[float], list[float], list[range]]:
+    """Per layer rank, for one forward of one block: its period (the hop on overlapped with
+    the next forward), its share of the block's trip around the ring (the hop in full), and
+    its layer ranges."""
     from pipelines.executors.staggered import split_layers
 
     parts = split_layers(shape.config.num_layers, ranks)
-    fwd_hop = link.seconds(shape.hidden_bytes + shape.latent_bytes, messages=2)
-    ring_hop = link.seconds(shape.latent_bytes, messages=2) if ranks > 1 else 0.0
+    fwd_bytes = shape.hidden_bytes + shape.latent_bytes
     embed_head = costs.overhead_s - costs.forward_fixed_s
-    stages = []
+    stages, trips = [], []
     for i, r in enumerate(parts):
         # every rank pays the fixed part of a forward call; embedding on the first, head last
         t = costs.layers_s(shape, r) + costs.forward_fixed_s
         t += embed_head * ((i == 0) + (i == ranks - 1)) / 2
-        t += fwd_hop if i < ranks - 1 else ring_hop
-        stages.append(t)
-    return stages, parts, ring_hop
+        if i < ranks - 1:
+            nbytes = fwd_bytes
+        elif ranks > 1:
+            nbytes = shape.latent_bytes  # the ring's return to rank 0
+        else:  # one rank holds every layer: the return is a local hand-over
+            stages.append(t)
+            trips.append(t)
+            continue
+        stages.append(link.stage(t, nbytes))
+        trips.append(link.trip(t, nbytes))
+    return stages, trips, parts
 
 
 def predict_dualparal(
@@ -267,8 +298,8 @@ def predict_dualparal(
         raise ConfigError("dualparal needs at least 2 devices")
     ranks = min(devices - 1, shape.config.num_layers)
     s = shape.steps
-    stages, parts, _ = _dualparal_stages(shape, costs, ranks, link)
-    around = sum(stages)  # one block's trip through every layer rank and back
+    stages, trips, parts = _dualparal_stages(shape, costs, ranks, link)
+    around = sum(trips)  # one block's trip through every layer rank and back
     per_block = [s * t for t in stages]
     per_block[0] += costs.features_s
     decode = costs.decode_s + link.seconds(shape.latent_bytes, messages=2)
@@ -333,7 +364,7 @@ def predict_tpp_layers(
         layer_ranks = (devices - 1) // step_ranks
         if layer_ranks < 2 or layer_ranks > shape.config.num_layers:
             continue
-        lstages, lparts, _ = _dualparal_stages(shape, costs, layer_ranks, link)
+        lstages, _, lparts = _dualparal_stages(shape, costs, layer_ranks, link)
         stages, mems = [], []
         for i, r in enumerate(split_steps(shape.steps, step_ranks)):
             for j, lr in enumerate(lparts):

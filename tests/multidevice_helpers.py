@@ -347,17 +347,26 @@ def measured_link(
     stats: list[dict], before: list[dict] | None = None, transport_cpu_s: float = 0.0
 ):
     """The gloo hop as the workers measured it (since `before`, a worker_stats() taken
-    earlier), as the planner's LinkModel: wall time per message (two sends each) and the CPU
-    a message costs. That CPU is the sending and receiving threads' time in send and recv
-    plus `transport_cpu_s`, what gloo's own transport threads spent meanwhile (the socket
-    work happens there; counting only the callers' threads missed two thirds of it)."""
+    earlier), as the planner's LinkModel: wall time per message (two sends each), the CPU a
+    message costs, and the wall time a posted message stays on its sender's stage.
+
+    The wire time comes from the sends that wait for their peer (results and control
+    messages): the hot path's sends are posted without waiting (wire.Link, wait=False), so
+    their wall time is only the packing and posting (and the rare wait on the bound of
+    pending sends), which is the model's `post_s`. The CPU is the sending and receiving
+    threads' time in send and recv plus `transport_cpu_s`, what gloo's own transport threads
+    spent meanwhile (the socket work happens there; counting only the callers' threads missed
+    two thirds of it)."""
     from pipelines import planner
 
     def total(key: str) -> float:
-        now = sum(s[key] for s in stats)
-        return now - (sum(s[key] for s in before) if before else 0)
+        now = sum(s.get(key, 0) for s in stats)
+        return now - (sum(s.get(key, 0) for s in before) if before else 0)
 
     messages = total("messages_sent")
-    per_message = total("send_seconds") / messages
+    posted = total("sends_posted")
+    waited = messages - posted
+    per_message = (total("send_seconds") - total("post_seconds")) / max(1, waited)
+    post = total("post_seconds") / posted if posted else 0.0
     cpu = (total("link_cpu_seconds") + transport_cpu_s) / messages
-    return planner.LinkModel(gbps=10.0, latency_s=per_message / 2, cpu_s=cpu)
+    return planner.LinkModel(gbps=10.0, latency_s=per_message / 2, cpu_s=cpu, post_s=post)

@@ -8,11 +8,12 @@ level apart flowing through them, one more rank decoding.
 Rank 0 runs each session's staggered schedule (pipelines/executors/staggered.py): per iteration
 it sends every queued block, head first, through its layers and on; rank R-1 finishes the
 forward, takes the Euler step and returns the new latent to rank 0, or, after the last step,
-sends the clean block to the decode rank. The queue's S blocks are S independent micro-batches,
-so the R layer ranks work on different blocks at once: with S >= R the ring stays full. Only
-the current block's hidden states travel; each rank keeps the keys/values of recent blocks for
-its own layers (FeatureCache), which is what later blocks attend to. Each rank holds 1/R of the
-transformer: the strategy for models that do not fit one device.
+sends the clean block to the decode rank (these sends are posted without waiting, so each
+transfer overlaps the sender's next forward: wire.Link). The queue's S blocks are S independent
+micro-batches, so the R layer ranks work on different blocks at once: with S >= R the ring stays
+full. Only the current block's hidden states travel; each rank keeps the keys/values of recent
+blocks for its own layers (FeatureCache), which is what later blocks attend to. Each rank holds
+1/R of the transformer: the strategy for models that do not fit one device.
 
 Latency is the price: a block leaves after S iterations and an iteration needs the next block's
 audio, so in live streaming the first frame waits S-1 more blocks of audio than with TPP. When no
@@ -228,6 +229,7 @@ class LayerRank:
         elif kind == "close":
             self._drop(m["session_id"])
             self.out.send(msg)
+            self.ctx.flush_links()  # the ring's posted returns too: none outlives the session
         elif kind == "error":
             if m.get("drop"):
                 self._drop(m["session_id"])
@@ -534,6 +536,23 @@ class LayerRank:
 
     # ---- every rank: one forward through this rank's layers ---------------------------------------
     def forward(self, msg: Message) -> None:
+        """One block's forward through this rank's layers; the hidden states (or, on the last
+        rank, the stepped latent) are posted on without waiting (wire.Link, wait=False), so
+        their transfer overlaps this rank's next forward.
+
+        Not done: TokenWeave's token halves (send half A's hidden states while half B is still
+        computed). Only the per-token parts of a layer could run per half: self-attention mixes
+        every token of the block (and attends to the cached ones), so the next rank's first
+        layer needs both halves before its attention, and this rank's last layer has both only
+        after its own attention. What could overlap is the last layer's feed-forward on this
+        rank and the norm and q/k/v projections of the next rank's first layer: a fraction of
+        one layer per hop, for a forward split into pre-attention, attention and post-attention
+        pieces in both models (models/dit.py, Live Avatar's). And the halves would not be
+        bit-identical: a matmul over half the rows may pick other kernels and blocking than
+        over all of them (oneDNN on the CPU, cuBLAS's heuristics on a GPU), so the frames would
+        drift from the single-process engine's, which the equality tests pin. The whole-block
+        send overlapped with the next block's forward keeps that equality.
+        """
         start = time.perf_counter()
         m = msg.meta
         sid, b, k = m["session_id"], m["block_index"], m["step"]
@@ -571,7 +590,7 @@ class LayerRank:
             onward = {"latent": latent, "hidden": out}
             if msg.tensors.get("features") is not None:  # every later rank injects audio too
                 onward["features"] = msg.tensors["features"]
-            self.out.send(Message("fwd", dict(m, timings=timings), onward))
+            self.out.send(Message("fwd", dict(m, timings=timings), onward), wait=False)
             self.ctx.record(f"step{k}", sid, b, start)
             return
         with torch.inference_mode():
@@ -592,7 +611,8 @@ class LayerRank:
                         "timings": timings,
                     },
                     {"latent": latent},
-                )
+                ),
+                wait=False,
             )
             frame = {"frame": latent[:, :, :1].contiguous()} if b == 0 else {}
             self._ring(Message("left", back, frame))
@@ -601,8 +621,9 @@ class LayerRank:
         self.ctx.record(f"step{k}", sid, b, start)
 
     def _ring(self, msg: Message) -> None:
-        """Last rank → rank 0 (a local hand-over when one rank holds every layer)."""
+        """Last rank → rank 0 (a local hand-over when one rank holds every layer), posted
+        without waiting: rank 0's ring receiver takes it while this rank goes on."""
         if self._ring_out is None:
             self.on_return(msg)
         else:
-            self._ring_out.send(msg)
+            self._ring_out.send(msg, wait=False)

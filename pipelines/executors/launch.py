@@ -39,7 +39,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -333,6 +333,7 @@ class WorkerContext:
     inbox: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=4096))
     model_info: dict[str, Any] = field(default_factory=dict)
     links: list[Link] = field(default_factory=list)
+    idle_seconds: float = 0.0  # the rank's loop waiting for its next message (next_message)
 
     @property
     def stage(self) -> int:
@@ -388,8 +389,10 @@ class WorkerContext:
             )
         )
 
-    def link_back(self, stage: int) -> Link:
-        """Against the pipeline, to or from worker `stage` (a separate channel and group)."""
+    def link_back(self, stage: int, *, max_pending: int | None = 2) -> Link:
+        """Against the pipeline, to or from worker `stage` (a separate channel and group).
+        max_pending=None: posted sends are not bounded (see Link), for a peer that receives
+        only when it needs the message."""
         return self._keep(
             Link(
                 self.ctrl,
@@ -399,8 +402,17 @@ class WorkerContext:
                 data_peer=stage,
                 device=self.device,
                 name=f"rank {stage} (back channel)",
+                max_pending=max_pending,
             )
         )
+
+    def flush_links(self) -> None:
+        """Wait for every send posted without waiting on a bounded link (LinkError if one
+        failed); a rank does this before it stops. Unbounded links (a peer that receives only
+        when it needs the message) are not waited for: that receive may never come."""
+        for link in self.links:
+            if link.max_pending is not None:
+                link.flush()
 
     def listen(self, link: Link, source: str) -> threading.Thread:
         """Receive from `link` on a thread, so a recv is always posted while the rank computes
@@ -424,11 +436,15 @@ class WorkerContext:
         return t
 
     def next_message(self, timeout: float | None = None) -> tuple[str, Message] | None:
-        """The next received (source, message); LinkError when a receiver saw its link break."""
+        """The next received (source, message); LinkError when a receiver saw its link break.
+        The time spent waiting here is the rank's idle time (`idle_seconds` in stats)."""
+        t0 = time.perf_counter()
         try:
             source, item = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+        finally:
+            self.idle_seconds += time.perf_counter() - t0
         if isinstance(item, BaseException):
             raise item
         return source, item
@@ -452,6 +468,27 @@ class WorkerContext:
             "tensor_bytes_sent": sum(st.tensor_bytes for st in sent),
             "send_seconds": sum(st.send_seconds for st in sent),
             "link_cpu_seconds": sum(st.cpu_seconds for st in sent),
+            "send_cpu_seconds": sum(st.send_cpu_seconds for st in sent),
+            "sends_posted": sum(st.posted for st in sent),
+            "post_seconds": sum(st.post_seconds for st in sent),
+            "pending_wait_seconds": sum(st.pending_wait_seconds for st in sent),
+            # Receives happen on listener threads, which keep a recv posted while the rank
+            # computes: their wait is the gap between arrivals, not the rank's own idle time
+            # (that is idle_seconds: the rank's loop waiting for its next message).
+            "recv_waits": sum(st.recv_waits for st in sent),
+            "recv_wait_seconds": sum(st.recv_wait_seconds for st in sent),
+            "recv_seconds": sum(st.recv_seconds for st in sent),
+            "idle_seconds": self.idle_seconds,
+            "links": [
+                dict(
+                    asdict(lk.stats),
+                    name=lk.name,
+                    tag=lk.tag,
+                    max_pending=lk.max_pending,
+                    pending=lk.pending,
+                )
+                for lk in self.links
+            ],
         }
 
 
@@ -583,7 +620,9 @@ def _run_worker(spec: WorkerSpec) -> int:
     )
     ctx.down = dist.group.WORLD
     ctx.back = dist.new_group(backend=backend, timeout=timeout)
-    return int(role.run_worker(ctx, state) or 0)
+    code = int(role.run_worker(ctx, state) or 0)
+    ctx.flush_links()  # no posted send is left behind when the rank stops
+    return code
 
 
 def _loopback_interface() -> str:

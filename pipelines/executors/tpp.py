@@ -8,7 +8,9 @@ the block's latent travels (torch.distributed point-to-point, NCCL between GPUs,
 together with the block's audio tokens, computed once on rank 0, which every rank needs for its
 audio cross-attention. While rank 1 runs step 1 of block b, rank 0 already runs step 0 of block
 b+1 (of the same session, or another's): once the pipeline is full one block leaves per stage
-time, and latency stays one block's S steps plus the hops.
+time, and latency stays one block's S steps plus the hops. A rank posts the latent without
+waiting for the next rank to take it (wire.Link, wait=False): the transfer overlaps its next
+block.
 
 With fewer ranks than steps, rank r owns a contiguous range of steps (the later ranks take the
 extra ones, rank 0 also encodes audio). Every rank keeps per-session state (its step caches and
@@ -301,7 +303,9 @@ class StepRank:
         tensors = {"latent": latent}
         if features is not None and self.rank < self.ranks - 1:
             tensors["features"] = features
-        self.out.send(Message("block", out_meta, tensors))
+        # Posted, not waited for: the latent travels while this rank starts its next block
+        # (the link keeps the order and at most two such sends outstanding, see wire.Link).
+        self.out.send(Message("block", out_meta, tensors), wait=False)
         self.ctx.record("block", sid, index, start)
 
     def _finish(self, sid: str, sess: _Session, inputs: BlockInputs, latent: torch.Tensor) -> None:
@@ -344,6 +348,8 @@ class StepRank:
             self._refreshes.pop(other)
 
     def _back_to(self, rank: int) -> Link:
+        # Unbounded: rank `rank` receives the frame only when it reaches the session's refresh
+        # block, and never when the session closes before that (the next refresh drains it).
         if rank not in self._refresh_out:
-            self._refresh_out[rank] = self.ctx.link_back(rank)
+            self._refresh_out[rank] = self.ctx.link_back(rank, max_pending=None)
         return self._refresh_out[rank]
