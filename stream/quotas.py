@@ -1,6 +1,6 @@
 """Per-client admission: how many sessions a client holds and how fast it may open new ones.
 
-A client is its bearer token when the service has one (`client_key`), else its address. The
+A client is its address, and its bearer token too when the service has one (`client_key`). The
 session count is read from the live sessions (stream.sessions.SessionManager); the creation rate
 is a token bucket per client kept here, with a bounded table so a flood of addresses cannot grow
 it without end.
@@ -39,12 +39,16 @@ class QuotaExceeded(SessionError):
 
 
 def client_key(token: str | None, address: str | None) -> str:
-    """Who a request counts against: its (already checked) bearer token, else its address.
+    """Who a request counts against: its address, and with a bearer token (already checked)
+    that token at that address. A service with one shared `--auth-token` would otherwise count
+    every caller as a single client and cap itself at one client's quota; with a token per
+    user, a user at two addresses is two clients.
 
     The token is kept as a short digest, so the quota table never holds the secret itself."""
+    where = "addr:" + (address or "unknown")
     if token:
-        return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
-    return "addr:" + (address or "unknown")
+        return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16] + "@" + where
+    return where
 
 
 class SessionRateLimiter:

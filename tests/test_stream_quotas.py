@@ -118,9 +118,10 @@ def test_a_session_nobody_ever_watched_ends_after_idle_no_viewer_s() -> None:
         assert c.get(f"/v1/sessions/{unwatched}").status_code == 404
 
 
-def test_rate_buckets_stay_bounded_and_clients_are_keyed_by_token_else_address() -> None:
+def test_rate_buckets_stay_bounded_and_clients_are_keyed_by_address_and_token() -> None:
     """Fails if a flood of addresses grows the bucket table without end (e.g. `_forget_full`
-    never called), or if the token itself is kept as a key."""
+    never called), if the token itself is kept as a key, or if callers sharing one token at
+    different addresses count as one client (the token alone as the key)."""
     now = [0.0]
     limiter = SessionRateLimiter(60, 2, clock=lambda: now[0], max_clients=8)
     for i in range(100):
@@ -132,7 +133,8 @@ def test_rate_buckets_stay_bounded_and_clients_are_keyed_by_token_else_address()
     assert client_key(None, None) == "addr:unknown"
     keyed = client_key("s3cret", "10.0.0.1")
     assert keyed.startswith("token:") and "s3cret" not in keyed
-    assert keyed == client_key("s3cret", "10.0.0.2")
+    assert keyed != client_key("s3cret", "10.0.0.2")  # a shared token: two clients
+    assert keyed != client_key("other", "10.0.0.1") != client_key(None, "10.0.0.1")
 
 
 @pytest.mark.parametrize("rate,burst", [(0, 1), (0.5, 1)])
