@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from pipelines import planner
 from pipelines.executors.tpp import split_steps
 from pipelines.generator import StreamingGenerator
 from pipelines.reference import default_reference
-from tests.multidevice_helpers import engine_cpu, pipeline_run, save_test_model
+from tests.multidevice_helpers import engine_cpu, save_test_model
 
 # Agreement bands: a prediction within 25 % of the measurement, either way.
 LOW, HIGH = 0.8, 1.25
@@ -176,33 +177,9 @@ def test_plan_command_prints_every_strategy(model_dir, capsys):
     assert main(["plan", "--model", "nope", "--devices", "2"]) == 2
 
 
-def _agreement_round(executor, strategy: str, shape, gen) -> dict[str, float]:
-    """One round: profile, one device, the pipeline's steady state, one device again."""
-    costs = planner.profile_costs(shape, device="cpu", dtype=torch.float32, repeats=5)
-    before = engine_cpu(gen, 4)
-    steps, blocks = shape.steps, 16
-    run = pipeline_run(executor, blocks, range(steps, blocks - steps + 1))
-    after = engine_cpu(gen, 4)
-    one_device = (before["block_cpu"] + after["block_cpu"]) / 2  # one device at full speed
-    predict = planner.predict_tpp if strategy == "tpp" else planner.predict_dualparal
-    pred = predict(shape, costs, 3, run.link, cores=run.cores)
-    predicted = planner.predict_local(shape, costs).period_s / pred.period_s
-    measured = one_device / run.period_s
-    return dict(
-        ratio=measured / predicted,
-        predicted=predicted,
-        measured=measured,
-        cores=run.cores,
-        period_ms=1e3 * run.period_s,
-        predicted_period_ms=1e3 * pred.period_s,
-        one_device_ms=1e3 * one_device,
-        link_cpu_ms=1e3 * run.link.cpu_s,
-    )
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["tpp", "dualparal"])
-def test_predictions_agree_with_the_cpu_executors(strategy, model_dir, shape, gen):
+def test_predictions_agree_with_the_cpu_executors(strategy, model_dir):
     """Predicted speed-up over one device vs. the measured one, within 25 %, from this run:
     costs profiled here, the gloo link as the workers measured it (its transport threads
     included; the hot path's sends are posted without waiting, so what stays on a stage is
@@ -229,19 +206,24 @@ def test_predictions_agree_with_the_cpu_executors(strategy, model_dir, shape, ge
     TPP stage's link share is now its posting time, well inside the band's noise here. That
     a hop hides behind the stage (max, not sum) is checked by
     test_tpp_period_is_the_slowest_stage: a 1-2 ms hop against stages of tens of ms is not
-    visible within 25 %."""
-    from pipelines.executors import build_executor
+    visible within 25 %.
 
-    ex = build_executor(
-        strategy, model=model_dir, devices="cpu:3", threads=1, timeout_s=60, verbose=False
+    The rounds run in a fresh interpreter (tests/planner_agreement.py: the driver is a stage
+    of the pipeline, and inside a long pytest run it measured 25 % slow)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.planner_agreement", str(model_dir), strategy, "7"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).resolve().parent.parent,
     )
-    try:
-        pipeline_run(ex, 6, range(2, 4))  # warm-up: first blocks, allocator, page-ins
-        rounds = [_agreement_round(ex, strategy, shape, gen) for _ in range(7)]
-    finally:
-        ex.close()
-    ratio = statistics.median(r["ratio"] for r in rounds)
-    assert LOW < ratio < HIGH, dict(median=ratio, rounds=rounds)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rounds = json.loads(r.stdout.strip().splitlines()[-1])
+    ratio = statistics.median(x["ratio"] for x in rounds)
+    assert LOW < ratio < HIGH, json.dumps(dict(median=ratio, rounds=rounds), indent=1)
 
 
 def test_profiler_times_the_wan_vae_and_audio_of_a_steady_block():
