@@ -16,7 +16,6 @@ import json
 import logging
 import statistics
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ from stream.playback import PlaybackTracker
 from stream.protocol import CloseCode, SessionInfo
 from stream.quotas import QuotaExceeded, SessionRateLimiter
 from stream.recording import SessionRecorder
+from stream.replicas import check_session_id, new_session_id
 from stream.scheduler import BlockScheduler
 from stream.settings import Settings
 from stream.timeline import MediaTimeline, Slot
@@ -445,6 +445,7 @@ class SessionManager:
         metrics.fps.set_function(lambda: sum(s.last_fps for s in self.sessions.values()))
 
     def get(self, session_id: str) -> Session:
+        check_session_id(session_id, self.settings.replica_id)  # 404 for another replica's
         session = self.sessions.get(session_id)
         if session is None or session.closed:
             raise SessionError(f"session {session_id!r} not found (it never existed or has ended)")
@@ -510,7 +511,7 @@ class SessionManager:
         self._reserved += 1
         try:
             spec = SessionSpec(
-                session_id=uuid.uuid4().hex,
+                session_id=new_session_id(self.settings.replica_id),
                 reference=reference,
                 seed=seed,
                 steps=steps,

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.errors import ConfigError
+from stream.replicas import check_replica_id, derived_replica_id
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -25,6 +26,11 @@ class Settings(BaseSettings):
     # Network.
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    replica_id: str | None = Field(
+        None,
+        description="this replica's id, the prefix of its session ids (r1-<hex>) that a load "
+        "balancer routes by (stream/replicas.py); auto: the host name (a StatefulSet's pod name)",
+    )
 
     # Engine: which model, on what, behind which executor.
     model: str = "default"
@@ -154,6 +160,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("replica_id")
+    @classmethod
+    def _check_replica_id(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        return derived_replica_id() if value == "auto" else check_replica_id(value)
 
     @field_validator("stun_servers")
     @classmethod

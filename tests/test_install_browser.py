@@ -1,5 +1,5 @@
-"""scripts/install-browser.sh fails loudly when chromium, espeak-ng or coturn's turnserver is
-still missing after installing, so CI stops at the cause instead of at the tests needing them.
+"""scripts/install-browser.sh fails loudly when chromium, espeak-ng, coturn's turnserver or
+haproxy is still missing after installing, so CI stops at the cause instead of at the tests needing them.
 
 The script runs against stubs: an `apt-get` that installs nothing, `sudo` and `id`, on a PATH
 of their own, with its chromium path pointed into a temporary folder.
@@ -15,6 +15,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "install-browser.sh"
 CHROMIUM_LINE = "CHROMIUM=/usr/bin/chromium"
+HAPROXY_LINE = "HAPROXY=/usr/sbin/haproxy"
 
 
 def _executable(path: Path, text: str) -> Path:
@@ -24,14 +25,25 @@ def _executable(path: Path, text: str) -> Path:
 
 
 def run_installer(
-    tmp_path: Path, *, chromium: bool, espeak: bool, apt: bool = True, turnserver: bool = True
+    tmp_path: Path,
+    *,
+    chromium: bool,
+    espeak: bool,
+    apt: bool = True,
+    turnserver: bool = True,
+    haproxy: bool = True,
 ) -> subprocess.CompletedProcess:
     source = SCRIPT.read_text()
     assert source.count(CHROMIUM_LINE) == 1  # the one place the tests' path is written
+    assert source.count(HAPROXY_LINE) == 1
     chromium_path = tmp_path / "chromium"
     if chromium:
         _executable(chromium_path, "#!/bin/sh\n")
     script = tmp_path / "install-browser.sh"
+    haproxy_path = tmp_path / "haproxy"
+    if haproxy:
+        _executable(haproxy_path, "#!/bin/sh\n")
+    source = source.replace(HAPROXY_LINE, f"HAPROXY={haproxy_path}")
     script.write_text(source.replace(CHROMIUM_LINE, f"CHROMIUM={chromium_path}"))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -59,23 +71,27 @@ def test_nothing_to_do_when_all_are_there(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("chromium", "espeak", "turnserver", "message"),
+    ("chromium", "espeak", "turnserver", "haproxy", "message"),
     [
-        (False, True, True, "chromium is not at"),
-        (True, False, True, "espeak-ng is not on PATH"),
-        (False, False, True, "chromium is not at"),
-        (True, True, False, "turnserver is not on PATH"),
+        (False, True, True, True, "chromium is not at"),
+        (True, False, True, True, "espeak-ng is not on PATH"),
+        (False, False, True, True, "chromium is not at"),
+        (True, True, False, True, "turnserver is not on PATH"),
+        (True, True, True, False, "haproxy is not at"),
     ],
 )
 def test_fails_loudly_when_still_missing_after_installing(
-    tmp_path, chromium, espeak, turnserver, message
+    tmp_path, chromium, espeak, turnserver, haproxy, message
 ):
     """Fails if the script trusts apt-get's exit status (tried: without the checks after the
-    install it exits 0 here; without the turnserver check, 0 in the last case)."""
-    r = run_installer(tmp_path, chromium=chromium, espeak=espeak, turnserver=turnserver)
+    install it exits 0 here; without the turnserver check, 0 in the fourth case; without the
+    haproxy check, 0 in the last)."""
+    r = run_installer(
+        tmp_path, chromium=chromium, espeak=espeak, turnserver=turnserver, haproxy=haproxy
+    )
     assert r.returncode == 1
     assert message in r.stderr
-    assert "install -y -qq chromium espeak-ng coturn" in (tmp_path / "apt.log").read_text()
+    assert "install -y -qq chromium espeak-ng coturn haproxy" in (tmp_path / "apt.log").read_text()
 
 
 def test_fails_loudly_without_apt_get(tmp_path):

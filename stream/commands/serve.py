@@ -14,6 +14,13 @@ from pathlib import Path
 _FLAGS: list[tuple[str, str, type, str]] = [
     ("--host", "host", str, "interface to listen on (default 127.0.0.1; 0.0.0.0 for all)"),
     ("--port", "port", int, "TCP port (default 8000)"),
+    (
+        "--replica-id",
+        "replica_id",
+        str,
+        "this replica's id behind a load balancer: its session ids start with it (r1-<hex>); "
+        "auto: the host name (docs/service.md, Scaling out)",
+    ),
     ("--model", "model", str, "model name or path (default: the embedded default model)"),
     (
         "--lora",

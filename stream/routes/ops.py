@@ -25,6 +25,7 @@ async def healthz(request: Request, settings: SettingsDep) -> JSONResponse:
     body = {
         "status": "ok" if healthy else "draining" if draining else "unhealthy",
         "model": executor.info.name if executor is not None else None,
+        "replica": settings.replica_id,
         "executor": settings.executor,
         "sessions": len(sessions.sessions) if sessions else 0,
         "max_sessions": settings.max_sessions,
