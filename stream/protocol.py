@@ -197,6 +197,10 @@ class SessionCreated(BaseModel):
     offer_url: str
     audio_url: str
     ice_servers: list[dict]
+    # The loaded model's reference check (models/reference_check.py); null for models without
+    # one. A warning does not refuse the session: it says the picture will likely be poor.
+    reference_score: float | None = None
+    reference_warning: str | None = None
 
 
 class SessionInfo(BaseModel):

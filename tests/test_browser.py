@@ -309,3 +309,38 @@ def test_the_page_asks_for_the_token_and_sends_it_on_every_call(tmp_path: Path) 
         assert svc.health()["sessions"] == 0
     assert not errors, errors
     assert state["error"] is None, state["error"]
+
+
+def test_the_page_warns_when_the_upload_is_unlike_the_models_faces(tmp_path: Path) -> None:
+    """Honest uploads: with the default model, a photograph-like upload (1/f colour noise,
+    tests/test_reference_check.py) and Connect show the server's reference_warning next to the
+    reference picker, naming Live Avatar; before Connect nothing is shown. Fails if the page
+    ignores `reference_warning` (the element stays hidden) or the server never sets it."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_reference_check import photo_like, png
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png(photo_like()))
+    with (
+        ServiceProcess("--max-sessions", "1", model="default", log_path=tmp_path / "s.log") as svc,
+        sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(svc.base + "/")
+            assert not page.is_visible("#reference-warning")
+            page.set_input_files("#image", str(photo))
+            page.click("#connect")
+            page.wait_for_selector("#reference-warning", state="visible", timeout=15_000)
+            text = page.inner_text("#reference-warning")
+        finally:
+            browser.close()
+    print("page warning:", text)
+    assert "Live Avatar" in text and "drawn" in text, text
+    assert not errors, errors

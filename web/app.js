@@ -121,14 +121,24 @@ function wireReferences() {
     label.classList.add("selected");
     selectedRef = label.dataset.ref;
     uploadedImage = null;
+    showReferenceWarning(null);
   });
   $("image").addEventListener("change", () => {
     uploadedImage = $("image").files[0] || null;
+    showReferenceWarning(null);
     if (uploadedImage) {
       for (const el of document.querySelectorAll(".ref")) el.classList.remove("selected");
       setStatus(`reference: ${uploadedImage.name}`);
     }
   });
+}
+
+// The server's word on the reference: null when the model knows this kind of image, else a
+// sentence (e.g. a photograph given to the default model, which only knows drawn faces).
+function showReferenceWarning(text) {
+  const el = $("reference-warning");
+  el.textContent = text ? `⚠ ${text}. The session runs anyway.` : "";
+  el.hidden = !text;
 }
 
 async function referenceBlob() {
@@ -154,6 +164,7 @@ async function connect() {
       const image = await referenceBlob();
       if (image) form.append("image", image, image.name || "reference.png");
       session = await api("POST", "/v1/sessions", form);
+      showReferenceWarning(session.reference_warning);
     }
     state.sessionId = session.session_id;
     setStatus("connecting video…");

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
@@ -17,6 +18,12 @@ from stream.routes.deps import AUTH, ManagerDep, SettingsDep, client_of
 from stream.turn import session_ice_servers
 from stream.webrtc import answer_offer
 
+if TYPE_CHECKING:
+    import numpy as np
+
+    from models.reference_check import ReferenceVerdict
+
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["sessions"], dependencies=AUTH)
 
 _MULTIPART_SCHEMA = {
@@ -69,6 +76,7 @@ async def create_session(
         from pipelines.reference import load_reference_image
 
         reference = await asyncio.to_thread(load_reference_image, image, info.height, info.width)
+    verdict = await check_reference(request, settings.model, reference)
     session = await mgr.create(
         reference,
         seed=options.seed,
@@ -87,7 +95,27 @@ async def create_session(
         offer_url=f"{base}/offer",
         audio_url=f"{base}/audio",
         ice_servers=session_ice_servers(settings, session),
+        reference_score=verdict.score if verdict else None,
+        reference_warning=verdict.warning if verdict else None,
     )
+
+
+async def check_reference(
+    request: Request, model: str, reference: np.ndarray
+) -> ReferenceVerdict | None:
+    """The loaded model's verdict on a session's reference (None: the model has no check).
+    The check is built once per app, on first use."""
+    from models.reference_check import reference_check_for
+
+    state = request.app.state
+    if not hasattr(state, "reference_check"):
+        state.reference_check = await asyncio.to_thread(reference_check_for, model)
+    if state.reference_check is None:
+        return None
+    verdict = await asyncio.to_thread(state.reference_check, reference)
+    if verdict.warning:
+        log.info("reference out of distribution (%.2f dB): %s", verdict.score, verdict.warning)
+    return verdict
 
 
 @router.get("/v1/sessions")
