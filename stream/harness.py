@@ -120,10 +120,10 @@ class ServiceProcess:
     def health(self) -> dict[str, Any]:
         return http("GET", f"{self.base}/healthz")[1]
 
-    def health_status(self) -> tuple[int, dict[str, Any]]:
-        """(status, body) of /healthz, whether 200 or 503."""
+    def health_status(self, path: str = "/healthz") -> tuple[int, dict[str, Any]]:
+        """(status, body) of /healthz (or /livez), whether 200 or 503."""
         try:
-            with urllib.request.urlopen(f"{self.base}/healthz", timeout=10) as resp:
+            with urllib.request.urlopen(f"{self.base}{path}", timeout=10) as resp:
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())

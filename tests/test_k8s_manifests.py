@@ -89,7 +89,8 @@ def test_the_statefulset_drains_routes_and_asks_for_a_gpu() -> None:
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
-    assert "httpGet" not in container["livenessProbe"], "/healthz is 503 while draining"
+    # /healthz is 503 while draining; /livez only when the engine's worker is gone.
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     port = container["ports"][0]["containerPort"]
     assert "--port" in container["args"] and str(port) in container["args"]
     assert sts["spec"]["replicas"] <= MAX_PODS

@@ -26,6 +26,7 @@ OPEN = {
     "/": ("/", "the page: it asks for the token and sends it on every /v1 call"),
     "/static": ("/static/app.js", "the page's script and styles: code, no data"),
     "/healthz": ("/healthz", "load balancers, Docker's HEALTHCHECK, orchestrators' probes"),
+    "/livez": ("/livez", "orchestrators' liveness probes"),
     "/metrics": ("/metrics", "Prometheus scrapes inside the network; aggregate counts only"),
     "/openapi.json": ("/openapi.json", "the API's description, as public as the README"),
     "/docs": ("/docs", "the same, rendered"),

@@ -93,6 +93,8 @@ def test_sigterm_drains_sessions_tells_clients_and_exits_zero_with_no_children(t
                     break
                 await asyncio.sleep(0.05)
             assert (status, body["status"]) == (503, "draining"), (status, body)
+            # Liveness stays 200: an orchestrator must not restart a replica for draining.
+            assert await asyncio.to_thread(svc.health_status, "/livez") == (200, {"status": "ok"})
             with pytest.raises(ServiceError) as refused:
                 await ahttp("POST", f"{svc.base}/v1/sessions")
             assert refused.value.status == 503 and "shutting down" in refused.value.detail

@@ -56,7 +56,8 @@ def test_killed_worker_fails_the_stream_and_the_next_session_gets_a_fresh_one(
     Fails if a session whose worker died keeps idling with no word to its client (e.g. the
     scheduler's task dies on the executor's error at submit without closing the session, or the
     session closes without sending the error), if /healthz stays 200 with the worker gone, or if
-    the next session does not restart the worker and stream."""
+    the next session does not restart the worker and stream, or if /livez (the liveness
+    probe) stays 200 with the worker gone (tried: livez answering 200 always)."""
     with ServiceProcess("--max-sessions", "2", log_path=tmp_path / "serve.log") as svc:
         (worker,) = svc.worker_pids()
 
@@ -74,6 +75,8 @@ def test_killed_worker_fails_the_stream_and_the_next_session_gets_a_fresh_one(
             os.kill(worker, signal.SIGKILL)
             health = await _wait_health(svc, 503, timeout=10)
             assert health["status"] == "unhealthy"
+            live = await asyncio.to_thread(svc.health_status, "/livez")
+            assert live == (503, {"status": "unhealthy"}), live
             messages, code = await _until_closed(doomed, timeout=15)
             errors = [m for m in messages if m.get("type") == "error"]
             assert errors, f"no error reached the client (got {messages}, close {code})"

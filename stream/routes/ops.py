@@ -1,4 +1,5 @@
-"""Operations: `/healthz` for load balancers and probes, `/metrics` for Prometheus (both open)."""
+"""Operations (all open): `/healthz` for load balancers and readiness probes, `/livez` for
+liveness probes, `/metrics` for Prometheus."""
 
 from __future__ import annotations
 
@@ -34,6 +35,18 @@ async def healthz(request: Request, settings: SettingsDep) -> JSONResponse:
         "threads": threading.active_count(),
     }
     return JSONResponse(body, status_code=200 if healthy else 503)
+
+
+@router.get("/livez")
+async def livez(request: Request) -> JSONResponse:
+    """Liveness: 503 only when the engine's worker is gone, 200 while draining. /healthz turns
+    503 on a drain too (a balancer must stop sending new sessions), so an orchestrator that
+    restarts on a failed liveness probe would kill a replica mid-drain if it probed /healthz;
+    and without a liveness check on the engine a replica whose worker died would sit out of
+    rotation for good (only a new session restarts the worker, and none is routed to it)."""
+    executor = getattr(request.app.state, "executor", None)
+    alive = executor is not None and executor.healthy()
+    return JSONResponse({"status": "ok" if alive else "unhealthy"}, 200 if alive else 503)
 
 
 @router.get("/metrics", response_class=Response)
