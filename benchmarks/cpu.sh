@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every CPU figure in BENCHMARKS.md, one command each; JSON lands in benchmarks/results/.
-#   bash benchmarks/cpu.sh            (about 25 minutes on 2 cores; run it on an idle machine)
+#   bash benchmarks/cpu.sh            (about 25 minutes on 2 cores, then the hour-long soak;
+#                                      run it on an idle machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -40,3 +41,7 @@ for m in wan-1.3b wan-14b; do
       --cache-mode timestep_forcing --json > "$OUT/plan-$m-$1x$2.json"
   done
 done
+
+# Soak: one av-probe session streams for an hour; RSS, fds, threads, tasks, block latency, fps
+# and the A/V offset at the receiver every minute, with their slopes per hour (last: 60 minutes)
+$BIN/python benchmarks/soak.py --minutes 60 --sessions 1 --model av-probe --json > "$OUT/soak-60min.json"
