@@ -8,6 +8,7 @@ handler stays a short dispatch and every bad input gets the same treatment.
 from __future__ import annotations
 
 import json
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -94,6 +95,12 @@ def parse_control(text: str) -> ControlMessage:
     """Parse one JSON text message; raises ProtocolError saying what is wrong with it."""
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise ProtocolError(
+            CloseCode.INVALID_PAYLOAD,
+            "control message nests too deeply; send a flat JSON object",
+            "malformed_json",
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(
             CloseCode.INVALID_PAYLOAD,
@@ -101,6 +108,10 @@ def parse_control(text: str) -> ControlMessage:
             if isinstance(exc, json.JSONDecodeError)
             else "control message is not UTF-8 text",
             "malformed_json",
+        ) from None
+    except ValueError as exc:  # an integer of over 4300 digits (int's conversion limit)
+        raise ProtocolError(
+            CloseCode.INVALID_PAYLOAD, f"malformed JSON control message ({exc})", "malformed_json"
         ) from None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ProtocolError(
@@ -139,7 +150,12 @@ def _check_start_fields(data: dict) -> None:
             "unknown_format",
         )
     rate = data.get("sample_rate")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate != int(rate):
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, (int, float))
+        or (isinstance(rate, float) and not math.isfinite(rate))  # NaN, Infinity: int() raises
+        or rate != int(rate)
+    ):
         raise ProtocolError(
             CloseCode.POLICY,
             f"sample_rate must be an integer number of Hz, got {rate!r}",
@@ -213,6 +229,19 @@ class SessionInfo(BaseModel):
     frames_sent: int
     dropped_frames: int
     dropped_blocks: int
+
+
+class ErrorBody(BaseModel):
+    """Every HTTP error answer: a sentence saying what is wrong and what to change."""
+
+    detail: str
+
+
+class QuotaBody(ErrorBody):
+    """A 429: which of the client's limits, and when to come back (also `Retry-After`)."""
+
+    limit: str
+    retry_after_s: int
 
 
 class Offer(BaseModel):

@@ -44,8 +44,11 @@ def check_offer(offer: Offer) -> SessionDescription:
         )
     try:
         parsed = SessionDescription.parse(offer.sdp)
-    except Exception as exc:
-        raise OfferError(f"the offer's SDP could not be parsed: {exc}") from None
+    except Exception as exc:  # aiortc's parser: many of its errors carry no message
+        raise OfferError(
+            f"the offer's SDP could not be parsed ({type(exc).__name__}: {exc}); send "
+            "pc.localDescription.sdp as the browser made it"
+        ) from None
     kinds = [m.kind for m in parsed.media]
     video = [m for m in parsed.media if m.kind == "video"]
     if not video:

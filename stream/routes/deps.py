@@ -7,12 +7,13 @@ lifespan adds `executor`, `default_reference` and `sessions` when the model is l
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from starlette.requests import HTTPConnection
 
 from stream.metrics import ServiceMetrics
+from stream.protocol import ErrorBody, QuotaBody
 from stream.quotas import client_key
 from stream.sessions import SessionManager
 from stream.settings import Settings
@@ -43,7 +44,12 @@ def auth_token(settings: Settings) -> str | None:
 def token_ok(settings: Settings, given: str | None) -> bool:
     """Whether `given` is the service's token (any value when there is none)."""
     token = auth_token(settings)
-    return token is None or (given is not None and secrets.compare_digest(given, token))
+    # As bytes: compare_digest raises TypeError for a str with non-ASCII characters, which any
+    # client can send (a header, ?token=, an `auth` message); that is a wrong token, not a 500.
+    return token is None or (
+        given is not None
+        and secrets.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode())
+    )
 
 
 def bearer_token(conn: HTTPConnection) -> str | None:
@@ -66,6 +72,38 @@ def require_token(request: Request) -> None:
 
 
 AUTH = [Depends(require_token)]
+
+_ERRORS: dict[int, str] = {
+    400: "the request cannot be served as sent (an image that is not one, an offer without "
+    "video, a size the server does not generate): the detail says what to change",
+    401: "missing or wrong token (only when the service runs with --auth-token)",
+    404: "no such session (never created, or ended)",
+    409: "the session already has a viewer",
+    413: "the upload is over the image limit",
+    415: "the body is neither JSON nor multipart/form-data",
+    422: "invalid session options",
+    429: "this client is over its quota; come back after Retry-After seconds",
+    503: "the server is at capacity, draining or its engine is down; retry after Retry-After",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    429: _RETRY_AFTER,
+    503: _RETRY_AFTER,
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI entries of the error statuses a route answers: each a `{"detail": ...}` body
+    (a 429 also names the limit), with the headers that come with it."""
+    return {
+        status: {
+            "model": QuotaBody if status == 429 else ErrorBody,
+            "description": _ERRORS[status],
+            **({"headers": _HEADERS[status]} if status in _HEADERS else {}),
+        }
+        for status in statuses
+    }
 
 
 def client_of(conn: HTTPConnection) -> str:

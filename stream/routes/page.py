@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, Response
 
-from stream.routes.deps import AUTH, SettingsDep, auth_token
+from stream.routes.deps import AUTH, SettingsDep, auth_token, error_responses
 
 SAMPLE_AUDIO = "sample.ogg"
 REFS_DIR = Path(__file__).resolve().parent.parent.parent / "models" / "default" / "refs"
@@ -26,7 +26,13 @@ async def index(settings: SettingsDep) -> FileResponse:
     return FileResponse(settings.web_dir / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/v1/sample-audio", tags=["demo"], dependencies=AUTH, response_class=FileResponse)
+@router.get(
+    "/v1/sample-audio",
+    tags=["demo"],
+    dependencies=AUTH,
+    response_class=FileResponse,
+    responses={200: {"content": {"audio/ogg": {}}}, **error_responses(401)},
+)
 async def sample_audio(settings: SettingsDep) -> FileResponse:
     """A few seconds of speech for demos (`/?autostart=1&audio=/v1/sample-audio`)."""
     return FileResponse(settings.web_dir / SAMPLE_AUDIO, media_type="audio/ogg")
@@ -39,13 +45,19 @@ def shipped_references() -> dict[str, Path]:
     return {p.name: p for p in sorted(REFS_DIR.glob("*.png"))}
 
 
-@router.get("/v1/references", tags=["demo"], dependencies=AUTH)
+@router.get("/v1/references", tags=["demo"], dependencies=AUTH, responses=error_responses(401))
 async def list_references() -> list[dict[str, str]]:
     """Sample reference images shipped with the default model, for the page to offer."""
     return [{"name": n, "url": f"/v1/references/{n}"} for n in shipped_references()]
 
 
-@router.get("/v1/references/{name}", tags=["demo"], dependencies=AUTH, response_class=FileResponse)
+@router.get(
+    "/v1/references/{name}",
+    tags=["demo"],
+    dependencies=AUTH,
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}, **error_responses(401, 404)},
+)
 async def get_reference(name: str, request: Request) -> Response:
     """A shipped reference image; `default` is the one sessions without an image get."""
     if name == "default":
@@ -59,7 +71,7 @@ async def get_reference(name: str, request: Request) -> Response:
     return FileResponse(path, media_type="image/png")
 
 
-@router.get("/v1/config", tags=["sessions"], dependencies=AUTH)
+@router.get("/v1/config", tags=["sessions"], dependencies=AUTH, responses=error_responses(401))
 async def client_config(request: Request, settings: SettingsDep) -> dict[str, Any]:
     """What a client needs before it starts: whether a token is needed, the model's shape."""
     info = request.app.state.executor.info

@@ -9,12 +9,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
 
 from models.errors import ConfigError, InvalidImageError
 from stream.protocol import Answer, Offer, SessionCreated, SessionInfo, SessionOptions
-from stream.routes.deps import AUTH, ManagerDep, SettingsDep, client_of
+from stream.routes.deps import AUTH, ManagerDep, SettingsDep, client_of, error_responses
 from stream.turn import session_ice_servers
 from stream.webrtc import answer_offer
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from models.reference_check import ReferenceVerdict
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["sessions"], dependencies=AUTH)
+router = APIRouter(tags=["sessions"], dependencies=AUTH, responses=error_responses(401))
 
 _MULTIPART_SCHEMA = {
     "type": "object",
@@ -44,6 +45,7 @@ _MULTIPART_SCHEMA = {
     "/v1/sessions",
     status_code=201,
     response_model=SessionCreated,
+    responses=error_responses(400, 413, 415, 422, 429, 503),
     openapi_extra={
         "requestBody": {
             "content": {
@@ -123,7 +125,7 @@ async def list_sessions(mgr: ManagerDep) -> list[SessionInfo]:
     return [s.describe() for s in mgr.sessions.values()]
 
 
-@router.get("/v1/sessions/{session_id}")
+@router.get("/v1/sessions/{session_id}", responses=error_responses(404))
 async def get_session(session_id: str, settings: SettingsDep, mgr: ManagerDep) -> dict[str, Any]:
     session = mgr.get(session_id)
     base = f"/v1/sessions/{session.id}"
@@ -136,16 +138,34 @@ async def get_session(session_id: str, settings: SettingsDep, mgr: ManagerDep) -
     }
 
 
-@router.delete("/v1/sessions/{session_id}", status_code=204)
+@router.delete("/v1/sessions/{session_id}", status_code=204, responses=error_responses(404))
 async def delete_session(session_id: str, mgr: ManagerDep) -> Response:
     session = mgr.get(session_id)
     await session.close("deleted")
     return Response(status_code=204)
 
 
-@router.post("/v1/sessions/{session_id}/offer", response_model=Answer)
-async def offer(session_id: str, body: Offer, settings: SettingsDep, mgr: ManagerDep) -> Answer:
+@router.post(
+    "/v1/sessions/{session_id}/offer",
+    response_model=Answer,
+    responses=error_responses(400, 404, 409, 503),
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/json": {"schema": Offer.model_json_schema()}},
+            "required": True,
+        }
+    },
+)
+async def offer(
+    session_id: str, request: Request, settings: SettingsDep, mgr: ManagerDep
+) -> Answer:
     """SDP offer in, answer out: a video track, the driving audio and the `stats` channel."""
+    # Read here, not as a `body: Offer` parameter: FastAPI parses a declared body before the
+    # router's token check runs, so a caller without the token got 422s for malformed JSON.
+    try:
+        body = Offer.model_validate_json(await request.body())
+    except ValidationError as exc:  # FastAPI's own 422 shape, without echoing a huge SDP
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
     session = mgr.get(session_id)
     return await answer_offer(session, body, settings)
 
@@ -182,7 +202,9 @@ async def read_session_request(
             raise HTTPException(
                 415, "send the image as multipart/form-data (field 'image') or JSON image_base64"
             )
-        options = SessionOptions.model_validate_json(raw)
+        # Strict: JSON has types, so `"width": false` or `"seed": "3"` is a 422 as the schema
+        # says, not coerced (lax mode took false for 0); form fields are text and stay lax.
+        options = SessionOptions.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
