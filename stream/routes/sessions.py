@@ -27,16 +27,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["sessions"], dependencies=AUTH, responses=error_responses(401))
 
+
+def _form_field(what: str) -> dict[str, str]:
+    return {"type": "string", "description": f"{what}; text, as forms send it (empty: omitted)"}
+
+
+# Multipart fields are text on the wire; the server reads them with SessionOptions' lax rules
+# ("3", "true"/"1"/"yes", "" for an empty input), a 422 for text it cannot read. Declared as
+# strings, since the JSON body's types ("seed": integer) would be a promise a form cannot keep.
 _MULTIPART_SCHEMA = {
     "type": "object",
     "properties": {
         "image": {"type": "string", "format": "binary"},
-        "seed": {"type": "integer"},
-        "steps": {"type": "integer"},
-        "sink_refresh": {"type": "boolean"},
+        "seed": _form_field("integer >= 0"),
+        "steps": _form_field("integer, 1 to 64"),
+        "sink_refresh": _form_field("boolean: true/false, 1/0, yes/no, on/off"),
         "prompt": {"type": "string", "maxLength": 4000},
-        "width": {"type": "integer"},
-        "height": {"type": "integer"},
+        "width": _form_field("integer, the server's width"),
+        "height": _form_field("integer, the server's height"),
     },
 }
 
