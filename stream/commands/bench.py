@@ -33,6 +33,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocks", type=int, default=20, help="measured blocks")
     p.add_argument("--warmup", type=int, default=3, help="blocks run before measuring")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_speed_arguments(p, quant_default="none")
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode (default: reduce-overhead on CUDA, default on the CPU)",
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak dense TFLOP/s for the MFU"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON only")
+
+
+def add_speed_arguments(p: argparse.ArgumentParser, quant_default: str | None = None) -> None:
+    """--compile/--no-compile and --quant, as bench and render take them."""
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -40,19 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch.compile the block step (default on; DIFFSTREAM_COMPILE=0 turns it off)",
     )
     p.add_argument(
-        "--compile-mode",
-        default=None,
-        help="torch.compile mode (default: reduce-overhead on CUDA, default on the CPU)",
-    )
-    p.add_argument(
         "--quant",
-        default="none",
+        default=quant_default,
         help="fp8 or fp8-weight: the transformer's block linears in FP8 (Ada/Hopper GPUs)",
     )
-    p.add_argument(
-        "--peak-tflops", type=float, default=None, help="device peak dense TFLOP/s for the MFU"
-    )
-    p.add_argument("--json", action="store_true", help="print JSON only")
 
 
 def _peak_rss_mb() -> float:

@@ -59,17 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="cpu",
         help="cpu, cuda, cuda:1 for local; cuda:0,cuda:1,... or cpu:N for tpp and dualparal",
     )
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the block step (default on; DIFFSTREAM_COMPILE=0 turns it off)",
-    )
-    p.add_argument(
-        "--quant",
-        default=None,
-        help="fp8 or fp8-weight: the transformer's block linears in FP8 (Ada/Hopper GPUs)",
-    )
+    from stream.commands.bench import add_speed_arguments
+
+    add_speed_arguments(p)
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this much audio")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
