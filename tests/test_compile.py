@@ -151,7 +151,8 @@ def test_build_executor_warms_up_a_compiled_engine(monkeypatch, tiny_bundle):
     (the ring filling plus one full-ring block: every graph) before it returns, and leaves no
     session behind; without, it runs none. Fails if the warm-up is skipped (tried: the
     `if options.get("compile")` branch removed) or too short to build every graph (tried:
-    warmup_blocks = window / frames_per_block: the full-ring graphs come later)."""
+    warmup_blocks = window / frames_per_block: the full-ring graphs come later), or if
+    warm_up=False (render) still warms up (tried: the option ignored)."""
     import pipelines.executors as executors
 
     calls = []
@@ -166,3 +167,5 @@ def test_build_executor_warms_up_a_compiled_engine(monkeypatch, tiny_bundle):
         assert ex.held_sessions() == [0]
     with executors.build_executor("local", model="tiny") as ex:
         assert len(calls) == 1
+    with executors.build_executor("local", model="tiny", compile=True, warm_up=False) as ex:
+        assert len(calls) == 1  # what render asks for: its own blocks compile

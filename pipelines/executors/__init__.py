@@ -113,13 +113,16 @@ def build_executor(
     (steps, cache_mode, sink_refresh, frames_per_block, ...) plus executor options.
     `process=True` runs the local executor's engine in a worker process of its own (what the
     service does) instead of a thread of this process. `compile=True` compiles the block step
-    and warms it up (one throwaway session) before returning; `quant="fp8"` is refused here,
-    before anything loads, on a device without FP8."""
+    and warms it up (one throwaway session) before returning, unless `warm_up=False` (a
+    one-off render's own first blocks compile the same graphs: a throwaway session before
+    them would only add blocks); `quant="fp8"` is refused here, before anything loads, on a
+    device without FP8."""
     if kind not in EXECUTORS:
         raise ConfigError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
+    warm = options.pop("warm_up", True)
     check_quant_devices(options.get("quant"), devices)
     executor = _start(kind, model, devices, options)
-    if options.get("compile"):
+    if options.get("compile") and warm:
         try:
             warm_up(executor)
         except BaseException:

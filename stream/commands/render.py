@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
     options: dict = {
         "compile": compile_default() if args.compile is None else args.compile,
+        "warm_up": False,  # the render's own first blocks build the compiled graphs
         "quant": args.quant,
         "steps": args.steps,
         "cache_mode": args.cache_mode,
