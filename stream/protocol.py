@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 192_000
+MAX_SDP_CHARS = 200_000  # an offer's SDP; a browser's is a few kB
+# The most bytes of an offer's JSON body the server reads: the SDP with every character
+# escaped (`\uXXXX`, 6 bytes) plus room for the rest. Over it: a 413, the rest left unread.
+MAX_OFFER_BYTES = 6 * MAX_SDP_CHARS + 4096
 
 
 class CloseCode:
@@ -245,7 +249,7 @@ class QuotaBody(ErrorBody):
 
 
 class Offer(BaseModel):
-    sdp: str = Field(..., max_length=200_000)
+    sdp: str = Field(..., max_length=MAX_SDP_CHARS)
     type: Literal["offer"]
 
 

@@ -173,3 +173,87 @@ def test_open_route_answers_without_the_token(client: TestClient, path: str) -> 
     balancer would take the replica out, the page could not load to ask for the token)."""
     r = client.get(OPEN[path][0])
     assert r.status_code == 200, (path, r.status_code)
+
+
+class _CountedBody:
+    """An ASGI `receive` sending `chunks` chunks of 64 KiB, counting the bytes the app pulls."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, chunks: int) -> None:
+        self.left = chunks
+        self.pulled = 0
+
+    async def __call__(self) -> dict:
+        if self.left < 0:
+            return {"type": "http.disconnect"}
+        if self.left == 0:
+            self.left = -1
+            return {"type": "http.request", "body": b"", "more_body": False}
+        self.left -= 1
+        self.pulled += self.CHUNK
+        return {"type": "http.request", "body": b" " * self.CHUNK, "more_body": True}
+
+
+def _post_raw(client: TestClient, path: str, headers: dict[str, str], body: _CountedBody) -> int:
+    """POST straight to the ASGI app (TestClient reads a streamed body whole before the app
+    runs, so it cannot show how much the app pulled); the response status."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("testclient", 50000),
+        "server": ("testserver", 80),
+        "state": {},
+    }
+    started: list[int] = []
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            started.append(message["status"])
+
+    client.portal.call(client.app, scope, body, send)
+    return started[0]
+
+
+def test_offer_checks_the_token_before_reading_and_reads_a_bounded_body(
+    client: TestClient,
+) -> None:
+    """An offer without the token, or with a wrong one, is a 401 before any of its body is
+    read (so a stranger cannot make the server take in megabytes first); with the token, a body
+    over the offer limit is a 413 after at most the limit (a declared Content-Length over it:
+    before any), not read whole.
+
+    Fails if `offer` reads its body before the token check (a `body: Offer` parameter: FastAPI
+    parses it before the router's dependencies), or reads it with an unbounded `request.body()`."""
+    from stream.protocol import MAX_OFFER_BYTES
+
+    sid = client.post("/v1/sessions", headers=_headers(TOKEN)).json()["session_id"]
+    path = f"/v1/sessions/{sid}/offer"
+    json_type = {"Content-Type": "application/json"}
+    chunks = 4 * MAX_OFFER_BYTES // _CountedBody.CHUNK  # four times the limit, streamed
+    try:
+        for token in (None, "wrong-token"):
+            body = _CountedBody(chunks)
+            assert _post_raw(client, path, {**json_type, **_headers(token)}, body) == 401
+            assert body.pulled == 0, f"token {token!r}: {body.pulled} bytes read before the 401"
+        body = _CountedBody(chunks)
+        assert _post_raw(client, path, {**json_type, **_headers(TOKEN)}, body) == 413
+        assert body.pulled <= MAX_OFFER_BYTES + _CountedBody.CHUNK, body.pulled
+        declared = {**json_type, **_headers(TOKEN), "Content-Length": str(MAX_OFFER_BYTES + 1)}
+        body = _CountedBody(chunks)
+        assert _post_raw(client, path, declared, body) == 413
+        assert body.pulled == 0, body.pulled
+        # The session is untouched: a body within the limit is still read and answered.
+        assert client.get(f"/v1/sessions/{sid}", headers=_headers(TOKEN)).status_code == 200
+        r = client.post(path, headers=_headers(TOKEN), json={"sdp": "not sdp", "type": "offer"})
+        assert r.status_code == 400, r.text
+    finally:
+        client.delete(f"/v1/sessions/{sid}", headers=_headers(TOKEN))

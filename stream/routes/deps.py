@@ -13,7 +13,7 @@ from fastapi import Depends, HTTPException, Request
 from starlette.requests import HTTPConnection
 
 from stream.metrics import ServiceMetrics
-from stream.protocol import ErrorBody, QuotaBody
+from stream.protocol import MAX_OFFER_BYTES, ErrorBody, QuotaBody
 from stream.quotas import client_key
 from stream.sessions import SessionManager
 from stream.settings import Settings
@@ -79,7 +79,8 @@ _ERRORS: dict[int, str] = {
     401: "missing or wrong token (only when the service runs with --auth-token)",
     404: "no such session (never created, or ended)",
     409: "the session already has a viewer",
-    413: "the upload is over the image limit",
+    413: "the upload is over its limit (a reference image: the image limit; an offer's body: "
+    f"{MAX_OFFER_BYTES} bytes)",
     415: "the body is neither JSON nor multipart/form-data",
     422: "invalid session options",
     429: "this client is over its quota; come back after Retry-After seconds",

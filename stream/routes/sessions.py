@@ -14,7 +14,15 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from models.errors import ConfigError, InvalidImageError
-from stream.protocol import Answer, Offer, SessionCreated, SessionInfo, SessionOptions
+from stream.protocol import (
+    MAX_OFFER_BYTES,
+    MAX_SDP_CHARS,
+    Answer,
+    Offer,
+    SessionCreated,
+    SessionInfo,
+    SessionOptions,
+)
 from stream.routes.deps import AUTH, ManagerDep, SettingsDep, client_of, error_responses
 from stream.turn import session_ice_servers
 from stream.webrtc import answer_offer
@@ -156,7 +164,7 @@ async def delete_session(session_id: str, mgr: ManagerDep) -> Response:
 @router.post(
     "/v1/sessions/{session_id}/offer",
     response_model=Answer,
-    responses=error_responses(400, 404, 409, 503),
+    responses=error_responses(400, 404, 409, 413, 503),
     openapi_extra={
         "requestBody": {
             "content": {"application/json": {"schema": Offer.model_json_schema()}},
@@ -169,13 +177,34 @@ async def offer(
 ) -> Answer:
     """SDP offer in, answer out: a video track, the driving audio and the `stats` channel."""
     # Read here, not as a `body: Offer` parameter: FastAPI parses a declared body before the
-    # router's token check runs, so a caller without the token got 422s for malformed JSON.
+    # router's token check runs, so a caller without the token got 422s for malformed JSON
+    # (and made the server read all of it first). Read bounded: 413 past MAX_OFFER_BYTES.
+    raw = await read_bounded_body(
+        request, MAX_OFFER_BYTES, f"an offer (its SDP is at most {MAX_SDP_CHARS} characters)"
+    )
     try:
-        body = Offer.model_validate_json(await request.body())
+        body = Offer.model_validate_json(raw)
     except ValidationError as exc:  # FastAPI's own 422 shape, without echoing a huge SDP
         raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
     session = mgr.get(session_id)
     return await answer_offer(session, body, settings)
+
+
+async def read_bounded_body(request: Request, limit: int, what: str) -> bytes:
+    """The request's body, at most `limit` bytes: a declared Content-Length over it is a 413
+    before anything is read, a streamed body a 413 as soon as it passes it (the rest unread)."""
+    too_large = HTTPException(413, f"request body over {limit} bytes, the limit for {what}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def read_session_request(
