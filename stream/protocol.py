@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 192_000
+# A video side in pixels, as the server's --width/--height take it (stream.settings); a session
+# asks for the server's own size or omits it, and anything out of this range is a 422.
+MIN_SIDE, MAX_SIDE = 16, 4096
 MAX_SDP_CHARS = 200_000  # an offer's SDP; a browser's is a few kB
 # The most bytes of an offer's JSON body the server reads: the SDP with every character
 # escaped (`\uXXXX`, 6 bytes) plus room for the rest. Over it: a 413, the rest left unread.
@@ -201,8 +204,18 @@ class SessionOptions(BaseModel):
         max_length=4000,
         description="text prompt for models that take one (Live Avatar); omitted: the server's",
     )
-    width: int | None = Field(None, description="must match the server's model (or omit it)")
-    height: int | None = Field(None, description="must match the server's model (or omit it)")
+    width: int | None = Field(
+        None,
+        ge=MIN_SIDE,
+        le=MAX_SIDE,
+        description="must be the server's width (or omit it); pixels, within the range",
+    )
+    height: int | None = Field(
+        None,
+        ge=MIN_SIDE,
+        le=MAX_SIDE,
+        description="must be the server's height (or omit it); pixels, within the range",
+    )
     image_base64: str | None = Field(
         None, description="reference image, base64 (PNG/JPEG/WebP); omitted: the default avatar"
     )

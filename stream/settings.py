@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.errors import ConfigError
+from stream.protocol import MAX_SIDE, MIN_SIDE
 from stream.replicas import check_replica_id, derived_replica_id
 
 CommaList = Annotated[list[str], NoDecode]
@@ -40,8 +41,12 @@ class Settings(BaseSettings):
     block_frames: int | None = Field(
         None, ge=1, le=64, description="latent frames per block (None: the model's default)"
     )
-    height: int | None = Field(None, ge=16, le=4096, description="video height (model's default)")
-    width: int | None = Field(None, ge=16, le=4096, description="video width (model's default)")
+    height: int | None = Field(
+        None, ge=MIN_SIDE, le=MAX_SIDE, description="video height (model's default)"
+    )
+    width: int | None = Field(
+        None, ge=MIN_SIDE, le=MAX_SIDE, description="video width (model's default)"
+    )
     threads: int | None = Field(
         None,
         ge=1,

@@ -96,6 +96,42 @@ def test_reference_upload_multipart_and_base64_and_limits(client: TestClient) ->
     assert unknown.status_code == 422
 
 
+def test_session_size_out_of_range_or_not_the_servers_is_refused_naming_the_field(
+    client: TestClient,
+) -> None:
+    """A width or height of 0, negative or over 4096 (JSON, or a form's text) is a 422 naming
+    the field and the bound; one in range that is not the server's 128x128 (130: not even a
+    multiple of the autoencoder's factor) a 400 naming the field and the server's size. No
+    session is made; the server's own size, or none, still is one.
+
+    Fails if SessionOptions' width/height lose their range: 0 then read as "omitted" (`or`)
+    made a session at the server's size."""
+    before = len(client.get("/v1/sessions").json())
+    out_of_range = [
+        ({"width": 0}, "width", "16"),
+        ({"height": 0}, "height", "16"),
+        ({"width": -128}, "width", "16"),
+        ({"height": 8}, "height", "16"),
+        ({"width": 5000}, "width", "4096"),
+    ]
+    for body, field, bound in out_of_range:
+        r = client.post("/v1/sessions", json=body)
+        assert r.status_code == 422, (body, r.status_code, r.text)
+        assert field in r.json()["detail"] and bound in r.json()["detail"], r.text
+    for fields in ({"width": (None, "0")}, {"height": (None, "-1")}):
+        r = client.post("/v1/sessions", files=fields)
+        assert r.status_code == 422 and next(iter(fields)) in r.json()["detail"], r.text
+    for body, named in (({"width": 130}, "width 130"), ({"width": 128, "height": 64}, "height 64")):
+        r = client.post("/v1/sessions", json=body)
+        assert r.status_code == 400, (body, r.status_code, r.text)
+        assert named in r.json()["detail"] and "128x128" in r.json()["detail"], r.text
+    assert len(client.get("/v1/sessions").json()) == before
+    for body in ({"width": 128, "height": 128}, {"height": 128}):
+        ok = client.post("/v1/sessions", json=body)
+        assert ok.status_code == 201, ok.text
+        client.delete(f"/v1/sessions/{ok.json()['session_id']}")
+
+
 def test_websocket_origin_is_checked_when_origins_are_configured() -> None:
     app = create_app(_settings(allowed_origins=["https://app.example"]))
     with TestClient(app) as c:

@@ -17,6 +17,8 @@ from models.errors import ConfigError, InvalidImageError
 from stream.protocol import (
     MAX_OFFER_BYTES,
     MAX_SDP_CHARS,
+    MAX_SIDE,
+    MIN_SIDE,
     Answer,
     Offer,
     SessionCreated,
@@ -51,8 +53,8 @@ _MULTIPART_SCHEMA = {
         "steps": _form_field("integer, 1 to 64"),
         "sink_refresh": _form_field("boolean: true/false, 1/0, yes/no, on/off"),
         "prompt": {"type": "string", "maxLength": 4000},
-        "width": _form_field("integer, the server's width"),
-        "height": _form_field("integer, the server's height"),
+        "width": _form_field(f"integer, {MIN_SIDE} to {MAX_SIDE}: the server's width"),
+        "height": _form_field(f"integer, {MIN_SIDE} to {MAX_SIDE}: the server's height"),
     },
 }
 
@@ -82,11 +84,15 @@ async def create_session(
     mgr.admit(client)  # refuse before reading a large upload
     options, image = await read_session_request(request, settings.max_image_bytes)
     info = request.app.state.executor.info
-    asked = (options.width or info.width, options.height or info.height)
-    if asked != (info.width, info.height):
+    # In MIN_SIDE..MAX_SIDE already (SessionOptions, a 422 otherwise); None: the server's.
+    asked = {"width": options.width, "height": options.height}
+    server = {"width": info.width, "height": info.height}
+    wrong = [f"{k} {v}" for k, v in asked.items() if v is not None and v != server[k]]
+    if wrong:
         raise ConfigError(
-            f"this server generates {info.width}x{info.height}; a session cannot change the "
-            f"resolution (asked {asked[0]}x{asked[1]}); start the server with --width/--height"
+            f"{' and '.join(wrong)}: this server generates {info.width}x{info.height} and a "
+            "session cannot change the resolution; send width/height equal to it or omit "
+            "them, or start the server with --width/--height"
         )
     if image is None:
         reference = request.app.state.default_reference
