@@ -17,7 +17,7 @@ COMMANDS: dict[str, str] = {
     "render": "Generate a video offline from a reference image and an audio file.",
     "bench": "Measure per-stage time, fps, time to first frame and peak memory.",
     "plan": "Predict fps, latency and memory of each multi-device strategy.",
-    "eval": "Measure lip sync, identity drift and speed of a model.",
+    "eval": "Measure lip sync, identity drift, speed and fidelity to ground truth of a model.",
     "train": "Train the embedded default model from scratch on generated data.",
 }
 

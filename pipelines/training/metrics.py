@@ -198,3 +198,87 @@ def identity_drift(frames: np.ndarray, reference: np.ndarray, box: Box | None = 
             appearance_distance(part, r, box) + histogram_distance(part, r, box)
         )
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Fidelity against ground truth (the renderer's frames for the same identity and speech)
+
+PSNR_CAP_DB = 100.0  # what identical frames score (their PSNR is infinite)
+_SSIM_SIGMA = 1.5
+_SSIM_RADIUS = 5  # 11-tap window: int(3.5 * sigma + 0.5), as scikit-image's default truncate
+_SSIM_C1 = (0.01 * 255.0) ** 2  # (K1 L)^2
+_SSIM_C2 = (0.03 * 255.0) ** 2  # (K2 L)^2
+
+
+def _pair(a: np.ndarray, b: np.ndarray, box: Box | None) -> tuple[np.ndarray, np.ndarray]:
+    fa, fb = _as_frames(a), _as_frames(b)
+    if fa.shape != fb.shape:
+        raise InvalidImageError(f"frame stacks differ in shape: {fa.shape} and {fb.shape}")
+    if fa.shape[0] == 0:
+        raise InvalidImageError("no frames to compare")
+    if box is not None:
+        fa, fb = _crop(fa, box), _crop(fb, box)
+    return fa, fb
+
+
+def psnr(a: np.ndarray, b: np.ndarray, box: Box | None = None) -> float:
+    """Peak signal-to-noise ratio in dB of uint8 frames [N, H, W, 3] (or one [H, W, 3]).
+
+    Per frame, 10 log10(255^2 / MSE) with the MSE over all pixels and channels inside `box`
+    (x0, y0, x1, y1, end-exclusive; the whole frame when None); the result is the mean over
+    frames. Identical frames have an infinite PSNR: each frame is capped at `PSNR_CAP_DB`
+    (100 dB, an MSE of 6.5e-6, far below one grey level in one pixel), so a mean stays finite.
+    """
+    fa, fb = _pair(a, b, box)
+    diff = fa.astype(np.float64) - fb.astype(np.float64)
+    mse = (diff * diff).reshape(diff.shape[0], -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        db = 10.0 * np.log10(255.0**2 / mse)
+    return float(np.minimum(db, PSNR_CAP_DB).mean())
+
+
+def _gaussian_taps() -> np.ndarray:
+    x = np.arange(-_SSIM_RADIUS, _SSIM_RADIUS + 1, dtype=np.float64)
+    g = np.exp(-(x * x) / (2.0 * _SSIM_SIGMA**2))
+    return g / g.sum()
+
+
+def _blur_valid(x: np.ndarray, taps: np.ndarray) -> np.ndarray:
+    """Separable Gaussian filter over axes 1 and 2 of [N, H, W, C], keeping only full windows."""
+    k = taps.size
+    h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
+    rows = sum(taps[i] * x[:, i : i + h] for i in range(k))
+    return sum(taps[i] * rows[:, :, i : i + w] for i in range(k))
+
+
+def ssim(a: np.ndarray, b: np.ndarray, box: Box | None = None) -> float:
+    """Structural similarity (Wang et al. 2004) of uint8 frames [N, H, W, 3], mean over frames.
+
+    Gaussian-weighted local statistics (11x11 window, sigma 1.5), K1 = 0.01, K2 = 0.03,
+    L = 255, population (not sample) variances; computed on each RGB channel separately and
+    averaged over channels, so a colour shift counts even where brightness is unchanged. Only
+    windows that lie wholly inside the frame (or `box`) are averaged, the same numbers as
+    scikit-image's `structural_similarity(..., gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=255, channel_axis=-1)`. 1 for identical frames; the
+    region must be at least 11 pixels on each side.
+    """
+    fa, fb = _pair(a, b, box)
+    k = 2 * _SSIM_RADIUS + 1
+    if fa.shape[1] < k or fa.shape[2] < k:
+        raise InvalidImageError(
+            f"SSIM needs at least {k}x{k} pixels, got {fa.shape[2]}x{fa.shape[1]}"
+        )
+    taps = _gaussian_taps()
+    total = 0.0
+    for start in range(0, fa.shape[0], 16):  # bounded memory on long clips
+        x = fa[start : start + 16].astype(np.float64)
+        y = fb[start : start + 16].astype(np.float64)
+        mx, my = _blur_valid(x, taps), _blur_valid(y, taps)
+        vx = _blur_valid(x * x, taps) - mx * mx
+        vy = _blur_valid(y * y, taps) - my * my
+        cxy = _blur_valid(x * y, taps) - mx * my
+        s = ((2 * mx * my + _SSIM_C1) * (2 * cxy + _SSIM_C2)) / (
+            (mx * mx + my * my + _SSIM_C1) * (vx + vy + _SSIM_C2)
+        )
+        total += float(s.mean(axis=(1, 2, 3)).sum())
+    return total / fa.shape[0]
