@@ -86,7 +86,8 @@ def test_psnr_of_known_noise_is_exact():
 
 
 def test_identical_frames_and_symmetry(clip):
-    """Identical frames: PSNR at the documented 100 dB cap (not inf), SSIM 1; both symmetric."""
+    """Identical frames: PSNR at the documented 100 dB cap, SSIM 1; both symmetric. Break caught:
+    dropping the cap (PSNR inf)."""
     f = clip.frames
     assert psnr(f, f) == PSNR_CAP_DB == 100.0
     assert ssim(f, f) == pytest.approx(1.0, abs=1e-12)
@@ -150,7 +151,7 @@ def oracle(frames: int, size: int, seed: int, spoil=lambda f: f):
 def test_perfect_generator_scores_the_cap():
     """The true frames score 100 dB and SSIM 1 in the frame and the mouth. Breaks caught: scoring
     against the reference instead of the clip's frames; passing the clean audio (the oracle's
-    audio check); drawing clips from the training split (the held-out check)."""
+    audio check); drawing clips from the training split (the oracle's clip no longer matches)."""
     gen = oracle(6, 64, seed=3)
     r = ground_truth_scores(gen, count=2, frames=6, size=64, seed=3)
     assert len(gen.calls) == 2 and r["clips"] == 2 and r["frames"] == 6 and r["size"] == 64
@@ -263,7 +264,7 @@ def test_eval_ground_truth_only(capsys):
 
 def test_eval_with_audio_adds_ground_truth_to_the_report(tmp_path, capsys):
     """--audio and --image: the usual report, with the ground-truth dict in it; --ground-truth 0
-    leaves it empty."""
+    leaves it empty. Break caught: not storing the scores in the report."""
     if not (DEFAULT_DIR / "model.json").is_file():
         pytest.skip("no shipped default weights")
     image = tmp_path / "ref.png"
