@@ -326,6 +326,60 @@ def test_tpp_posts_block_sends_and_reports_recv_waits(model_dir):
     assert {lk["name"] for lk in hot} >= {"rank 1", "rank 2"}, hot  # rank 0 → 1 → decode
 
 
+def test_tpp_sink_refresh_back_channel_is_bounded(model_dir):
+    """TPP with 2 step ranks, 5 sessions with sink refresh whose block 0 all pass before any
+    closes (so none reaches its refresh block): rank 1 sends 5 refresh frames back to rank 0,
+    never more than the link's bound (2) outstanding, none pending once they closed, and rank 0
+    holds none of them. A session after them still refreshes its sink from its own frame (the
+    same frames as the single-process engine).
+
+    Fails if the back channel is unbounded again (tried: `ctx.link_back(r, max_pending=None)`
+    in StepRank.run: pending_max 5 on rank 1's back link). A bound without rank 0's listener
+    (frames received only at a refresh block, as before) would not pass either: rank 1 would
+    wait on the third frame for a receive that never comes."""
+    from models.registry import load_model
+    from pipelines.executors.tpp import TPPExecutor
+    from pipelines.generator import StreamingGenerator
+
+    stale = [f"s{i}" for i in range(5)]
+    ex = TPPExecutor.launch(
+        model=model_dir,
+        devices="cpu:3",
+        threads=1,
+        timeout_s=60,
+        heartbeat_s=30,
+        keep_latents=16,
+        verbose=False,
+    )
+    try:
+        info = ex.info
+        ref = default_reference(info.height, info.width)
+        audio = audio_blocks(info, BLOCKS, seed=5)
+        for sid in stale:
+            ex.open_session(SessionSpec(sid, ref, seed=1, sink_refresh=True))
+        first = results(submit_all(ex, [request(sid, 0, audio[0]) for sid in stale]), 120)
+        assert all(r.ok for r in first.values()), [r.error for r in first.values()]
+        for sid in stale:
+            ex.close_session(sid)
+        ex.open_session(SessionSpec("z", ref, seed=4, sink_refresh=True))
+        got = results(submit_all(ex, [request("z", i, audio[i]) for i in range(BLOCKS)]), 120)
+        ex.close_session("z")
+        stats = ex.worker_stats(events=False)
+        latents = dict(ex.latents)
+    finally:
+        ex.close()
+    gen = StreamingGenerator.from_bundle(load_model(model_dir), cache_mode="timestep_forcing")
+    for i, (latent, _) in enumerate(reference_blocks(gen, ref, audio, seed=4, sink_refresh=True)):
+        assert got["z", i].ok, got["z", i].error
+        np.testing.assert_allclose(latents["z", i], latent.numpy(), rtol=1e-5, atol=1e-5)
+    (back,) = [lk for lk in stats[1]["links"] if lk["name"] == "rank 0 (back channel)"]
+    assert back["posted"] == len(stale) + 1, back  # one frame per session that refreshed
+    assert back["pending_max"] <= BOUND and back["pending"] == 0, back
+    assert back["max_pending"] == BOUND, back
+    assert stats[0]["refresh_frames_held"] == 0 and stats[0]["sessions"] == 0, stats[0]
+    _check_stats(stats, 1)
+
+
 def test_dualparal_posts_forwards_and_ring_returns(model_dir):
     """DualParal with 2 layer ranks: forwards (rank 0 → 1), ring returns (rank 1 → 0) and
     clean blocks (→ decode) are posted, bounded, and none is pending once the session closed

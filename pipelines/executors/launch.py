@@ -414,9 +414,12 @@ class WorkerContext:
             if link.max_pending is not None:
                 link.flush()
 
-    def listen(self, link: Link, source: str) -> threading.Thread:
+    def listen(self, link: Link, source: str, inbox: queue.Queue | None = None) -> threading.Thread:
         """Receive from `link` on a thread, so a recv is always posted while the rank computes
-        (gloo's send waits for it) and a broken link is noticed even when idle."""
+        (gloo's send waits for it) and a broken link is noticed even when idle. The messages go
+        to `inbox` (default: the rank's, read by `next_message`) as (source, message), a
+        LinkError as (source, error), and the thread ends after a `stop`."""
+        inbox = self.inbox if inbox is None else inbox
 
         def loop() -> None:
             if self.device.type == "cuda":  # the CUDA current device is per thread
@@ -425,9 +428,9 @@ class WorkerContext:
                 try:
                     msg = link.recv()
                 except LinkError as exc:
-                    self.inbox.put((source, exc))
+                    inbox.put((source, exc))
                     return
-                self.inbox.put((source, msg))
+                inbox.put((source, msg))
                 if msg.kind == "stop":
                     return
 

@@ -19,14 +19,21 @@ session closes; messages travel in one FIFO order, so a close or open reaches ea
 between the blocks it belongs between.
 
 Sink refresh (replace the sink by block 0's first clean frame) is the one backward dependency:
-the rank that finishes the last step sends that frame back to the earlier ranks, and each of
-them waits for it before it starts the session's refresh block (block 1, or Live Avatar's first
-block of its second clip), exactly where the single-process engine refreshes. Other sessions'
-blocks are not held up by more than that wait, and with a later refresh block, not at all.
+the rank that finishes the last step (always the last denoise rank, see split_steps) sends that
+frame back to the earlier ranks, and each of them waits for it before it starts the session's
+refresh block (block 1, or Live Avatar's first block of its second clip), exactly where the
+single-process engine refreshes. Other sessions' blocks are not held up by more than that wait,
+and with a later refresh block, not at all. The back channel is bounded like the forward links
+(at most `max_pending` posted frames outstanding): every earlier rank keeps a receive posted on
+it (a listener thread) and keeps only the frames of its open sessions, so a session that closes
+before its refresh block leaves nothing behind on either side. The last denoise rank sends the
+driver's pings back as well (keeping those receives from gloo's timeout) and, when it stops, a
+`stop`, which the earlier ranks wait for before they stop: no refresh is sent to a rank gone.
 """
 
 from __future__ import annotations
 
+import queue
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -151,15 +158,25 @@ class StepRank:
         self.rank = ctx.stage
         self.sessions: dict[str, _Session] = {}
         self.out = ctx.link_out()
-        self._refresh_in: Link | None = None
-        self._refresh_out: dict[int, Link] = {}
+        # The sink refresh's back channel, last denoise rank → each earlier one (ranks > 1).
+        self._refresh_out: dict[int, Link] = {}  # on the last denoise rank
+        self._refresh_in: queue.Queue = queue.Queue()  # on the others: filled by a listener
+        self._back_stopped = False  # the last denoise rank's `stop` came back
         self._refreshes: dict[str, torch.Tensor] = {}  # arrived before they were needed
 
     def run(self) -> int:
         ctx = self.ctx
         ctx.listen(ctx.link_in(), "up")
+        if self._last:
+            # Bounded like the forward links (Link's default max_pending): the earlier ranks
+            # always have a receive posted, so waiting for the oldest frame never waits on
+            # a session reaching its refresh block.
+            self._refresh_out = {r: ctx.link_back(r) for r in range(self.rank)}
+        else:
+            ctx.listen(ctx.link_back(self.ranks - 1), "refresh", self._refresh_in)
         while True:
             got = ctx.next_message()
+            self._take_refreshes()  # keeps the back channel's queue down to the open sessions
             if got is None:
                 continue
             msg = got[1]
@@ -171,6 +188,8 @@ class StepRank:
                 self.sessions.pop(msg.meta["session_id"], None)
                 self._refreshes.pop(msg.meta["session_id"], None)
                 self.out.send(msg)
+                for link in self._refresh_out.values():
+                    link.flush()  # the posted refresh frames: none outlives the session
             elif kind == "error":
                 if msg.meta.get("drop"):
                     self.sessions.pop(msg.meta["session_id"], None)
@@ -180,6 +199,7 @@ class StepRank:
                     ctx.stats(msg.meta.get("events", True)),
                     role=f"steps {_fmt(split_steps(self.gen.config.steps, self.ranks)[self.rank])}",
                     sessions=len(self.sessions),
+                    refresh_frames_held=len(self._refreshes),
                     cache_bytes=sum(s.state.cache_bytes() for s in self.sessions.values()),
                     params=held_params(self.gen),
                 )
@@ -187,8 +207,14 @@ class StepRank:
                 self.out.send(msg)
             elif kind == "ping":
                 self.out.send(msg)
+                for link in self._refresh_out.values():
+                    link.send(msg)  # keeps the earlier ranks' refresh receives alive
             elif kind == "stop":
                 self.out.send(msg)
+                for link in self._refresh_out.values():
+                    link.send(msg)  # after every refresh frame: the earlier ranks may stop
+                while not self._last and not self._back_stopped:
+                    self._take_refreshes(wait=True)
                 return 0
             else:
                 raise LinkError(f"rank {self.rank}: unexpected message {kind!r}")
@@ -332,24 +358,36 @@ class StepRank:
             sess.awaiting_refresh = True  # the clean frame comes back before the refresh block
 
     def _apply_refresh(self, sid: str, sess: _Session) -> None:
-        """Wait for block 0's clean first frame (sent back by the last step's rank)."""
-        steps = sess.state.steps
-        owner = next(r for r, rng in enumerate(split_steps(steps, self.ranks)) if steps - 1 in rng)
-        if self._refresh_in is None:
-            self._refresh_in = self.ctx.link_back(owner)
+        """Wait for block 0's clean first frame (sent back by the last denoise rank)."""
         while sid not in self._refreshes:
-            got = self._refresh_in.recv()
-            self._refreshes[got.meta["session_id"]] = got.tensors["frame"]
+            if self._back_stopped:
+                raise LinkError(f"rank {self.rank}: no sink refresh for session {sid!r}")
+            self._take_refreshes(wait=True)
         sess.awaiting_refresh = False
         sess.state.pending_sink = self._refreshes.pop(sid)
         self.gen.refresh_sink(sess.state)
-        # Refreshes of sessions closed meanwhile are dropped here, so none piles up.
-        for other in [k for k in self._refreshes if k not in self.sessions]:
-            self._refreshes.pop(other)
+
+    def _take_refreshes(self, *, wait: bool = False) -> None:
+        """Move what the back channel's listener received into `_refreshes` (wait: at least
+        one message): the frames of open sessions still waiting for theirs; others (a session
+        closed or dropped meanwhile) and pings are dropped, a `stop` is noted."""
+        while True:
+            try:
+                _, got = self._refresh_in.get(block=wait)
+            except queue.Empty:
+                break
+            wait = False
+            if isinstance(got, BaseException):
+                raise got
+            if got.kind == "stop":
+                self._back_stopped = True
+            elif got.kind == "refresh":
+                sid = got.meta["session_id"]
+                sess = self.sessions.get(sid)
+                if sess is not None and sess.awaiting_refresh:
+                    self._refreshes[sid] = got.tensors["frame"]
+        for sid in [k for k in self._refreshes if k not in self.sessions]:
+            del self._refreshes[sid]  # a frame kept for a session that ended meanwhile
 
     def _back_to(self, rank: int) -> Link:
-        # Unbounded: rank `rank` receives the frame only when it reaches the session's refresh
-        # block, and never when the session closes before that (the next refresh drains it).
-        if rank not in self._refresh_out:
-            self._refresh_out[rank] = self.ctx.link_back(rank, max_pending=None)
         return self._refresh_out[rank]

@@ -82,8 +82,9 @@ class Link:
     control frame and the tensors that follow it must not interleave with another message's.
 
     `max_pending` bounds the sends posted with wait=False and not yet waited for (None: no
-    bound, for a link whose peer receives only when it needs the message, e.g. TPP's sink
-    refresh: there a bound could wait on a receive that never comes).
+    bound, for a link whose peer receives only when it needs the message: there a bound could
+    wait on a receive that never comes; a peer with a listener thread, as every link here has,
+    keeps a receive posted, so the bound only waits for the transport).
     """
 
     def __init__(
