@@ -18,7 +18,8 @@ COMMANDS: dict[str, str] = {
     "bench": "Measure per-stage time, fps, time to first frame and peak memory.",
     "plan": "Predict fps, latency and memory of each multi-device strategy.",
     "eval": "Measure lip sync, identity drift, speed and fidelity to ground truth of a model.",
-    "train": "Train the embedded default model from scratch on generated data.",
+    "train": "Train the embedded default model from scratch (or, --teacher, a teacher).",
+    "distill": "Distil a few-step causal student from a teacher (self-forcing + DMD).",
 }
 
 
