@@ -49,6 +49,7 @@ from .teacher import (
     new_cache,
     per_sample_rand,
     per_sample_randn,
+    resolve_device,
     sample_clip_batch,
     shifted,
     write_sink,
@@ -80,7 +81,9 @@ class DistillConfig:
     ode_iterations: int = 0  # ODE-regression warm start (0: start from the student bundle)
     ode_pairs: int = 16  # teacher trajectories for the warm start
     checkpoint_every: int = 100
+    guidance: float | None = None  # the teacher's audio guidance scale (None: the teacher's own)
     threads: int = 2
+    device: str = "auto"  # "auto": this process's CUDA device when there is one
 
     @classmethod
     def quick(cls) -> DistillConfig:
@@ -230,8 +233,8 @@ def dmd_loss(
     at one random level per sample."""
     d = teacher.defaults
     lo, hi = levels
-    sigma = shifted(lo + (hi - lo) * per_sample_rand(gens), d.shift)
-    noise = per_sample_randn(tuple(x0.shape[1:]), gens)
+    sigma = shifted(lo + (hi - lo) * per_sample_rand(gens, x0.device), d.shift)
+    noise = per_sample_randn(tuple(x0.shape[1:]), gens, x0.device)
     s = sigma[:, None, None, None, None]
     x = x0.detach()
     xt = (1 - s) * x + s * noise
@@ -341,11 +344,13 @@ def ode_warm_start(
     fpb = defaults.frames_per_block
     frames = cfg.clip_blocks * fpb
     sig = student_sigmas(cfg)
+    device = teacher.context.device
     pairs = []
     for p in range(cfg.ode_pairs):
         gens = _gens(cfg.seed, p, 7, local)
-        _, ref, audio, _ = sample_clip_batch(data, frames, gens)
-        noise = per_sample_randn((data.latents.shape[2], frames, *data.latents.shape[-2:]), gens)
+        _, ref, audio, _ = sample_clip_batch(data, frames, gens, device)
+        shape = (data.latents.shape[2], frames, *data.latents.shape[-2:])
+        noise = per_sample_randn(shape, gens, device)
         clean, traj = teacher.sample(ref, audio, noise, trajectory_at=sig[:-1])
         pairs.append((ref, audio, clean, traj))
     losses = []
@@ -353,7 +358,7 @@ def ode_warm_start(
     for it in range(cfg.ode_iterations):
         ref, audio, clean, traj = pairs[it % len(pairs)]
         caches = student_caches(student, teacher.context, defaults, ref, cfg.cache_mode, cfg.steps)
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=device)
         for j in range(cfg.clip_blocks):
             sl = slice(j * fpb, (j + 1) * fpb)
             a = audio[:, sl]
@@ -408,7 +413,14 @@ def distill(
     local = range(rank * cfg.batch // world, (rank + 1) * cfg.batch // world)
     t0 = time.perf_counter()
     bar_of = _tqdm_progress(progress and rank == 0)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and distributed():
+        device = torch.device("cuda", torch.cuda.current_device())
     teach, teacher_bundle = teacher or load_teacher(cfg.teacher)
+    teach.model.to(device)
+    if cfg.guidance is not None:
+        teach.guidance = replace(teach.guidance, audio=cfg.guidance)
+    teach.context = teach.context.to(device)
     for p in teach.model.parameters():
         p.requires_grad_(False)
     base = student_bundle or load_model(cfg.student)
@@ -419,8 +431,8 @@ def distill(
         pipeline={**base.defaults.pipeline, "cache_mode": cfg.cache_mode},
     )
     torch.manual_seed(cfg.seed)
-    student = shard(copy.deepcopy(base.dit).float().train())
-    fake = shard(copy.deepcopy(teach.model).float().train())
+    student = shard(copy.deepcopy(base.dit).float().to(device).train())
+    fake = shard(copy.deepcopy(teach.model).float().to(device).train())
     for p in fake.parameters():
         p.requires_grad_(True)
     opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.0)
@@ -461,16 +473,16 @@ def distill(
         gens = _gens(cfg.seed, it, 1, local)
         control = np.random.default_rng([cfg.seed, it, 2])  # the same on every rank
         exits = [int(control.integers(0, cfg.steps)) for _ in range(cfg.clip_blocks)]
-        _, ref, audio, _ = sample_clip_batch(data, frames, gens)
+        _, ref, audio, _ = sample_clip_batch(data, frames, gens, device)
         shape = (data.latents.shape[2], frames, *data.latents.shape[-2:])
-        noise = per_sample_randn(shape, gens)
-        renoise = per_sample_randn(shape, gens)
+        noise = per_sample_randn(shape, gens, device)
+        renoise = per_sample_randn(shape, gens, device)
         x0 = rollout(
             student, context, defaults, ref, audio, noise, cfg.cache_mode, sig, exits, renoise
         )
         for c in range(cfg.critic_steps):
             cg = _gens(cfg.seed, it, 10 + c, local)
-            mouth = torch.ones(x0.shape[0], *x0.shape[-2:])
+            mouth = torch.ones(x0.shape[0], *x0.shape[-2:], device=device)
             lf = flow_matching_loss(
                 fake,
                 context,

@@ -46,6 +46,13 @@ from .train import (
 TEACHER_FILE = "teacher.json"
 
 
+def resolve_device(name: str) -> torch.device:
+    """ "auto" → CUDA when available, else the CPU; anything else as torch names it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def shifted(u: torch.Tensor, shift: float) -> torch.Tensor:
     """The sampler's level warp σ = s·u / (1 + (s - 1)·u) applied to uniform draws."""
     return shift * u / (1 + (shift - 1) * u)
@@ -192,7 +199,7 @@ class Teacher:
             while marks and s <= marks[0] + 1e-9:
                 traj.append(x.clone())
                 marks.pop(0)
-            v = self.velocity(x, torch.full((b,), s), sinks, audio, g)
+            v = self.velocity(x, torch.full((b,), s, device=x.device), sinks, audio, g)
             x = x + (s_next - s) * v
         traj.extend(x.clone() for _ in marks)
         return x, traj
@@ -211,14 +218,17 @@ class Teacher:
         """Frames for an utterance, clip after clip (each clip sees only the reference): the
         same `generate(reference, audio, frames)` shape the evaluation measures students by."""
         d = self.defaults
+        dev = next(self.model.parameters()).device
+        vae_dev = next(bundle.vae.parameters()).device
         image = torch.from_numpy(np.ascontiguousarray(reference)).permute(2, 0, 1)[None]
-        ref = bundle.vae.encode_image(image.float() / 127.5 - 1.0).float()
+        image = image.to(vae_dev).float() / 127.5 - 1.0
+        ref = bundle.vae.encode_image(image).float().to(dev)
         n_clips = -(-frames // self.clip_frames)
         total = n_clips * self.clip_frames
         sr, fps = d.audio_sample_rate, d.fps
         need = round(total * sr / fps)
         wav = np.tile(np.asarray(audio, np.float32), -(-need // max(1, audio.size)))[:need]
-        tokens = bundle.audio_encoder.for_block(wav, total, total)[None].float()
+        tokens = bundle.audio_encoder.for_block(wav, total, total)[None].float().to(dev)
         gen = torch.Generator().manual_seed(seed)
         lh, lw = ref.shape[-2:]
         state = bundle.vae.new_state()
@@ -226,8 +236,9 @@ class Teacher:
         for j in range(n_clips):
             sl = slice(j * self.clip_frames, (j + 1) * self.clip_frames)
             noise = torch.randn((1, ref.shape[1], self.clip_frames, lh, lw), generator=gen)
+            noise = noise.to(dev)
             x, _ = self.sample(ref, tokens[:, sl], noise, steps, guidance)
-            video = bundle.vae.decode_block(x, state)
+            video = bundle.vae.decode_block(x.to(vae_dev), state).cpu()
             out.append(((video[0].float().clamp(-1, 1) + 1) * 127.5).round().byte())
         video = torch.cat(out, dim=1).permute(1, 2, 3, 0).numpy()
         return np.ascontiguousarray(video[:frames])
@@ -255,6 +266,7 @@ class TeacherConfig:
     guidance_frames: int = 75
     guidance_utterances: int = 2
     threads: int = 2
+    device: str = "auto"  # "auto": CUDA when there is one
 
     @classmethod
     def quick(cls) -> TeacherConfig:
@@ -303,7 +315,10 @@ def load_latents(
 
 
 def sample_clip_batch(
-    data: LatentSet, frames: int, gens: list[torch.Generator]
+    data: LatentSet,
+    frames: int,
+    gens: list[torch.Generator],
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A window of `frames` latent frames from a random clip per sample, each drawn from its own
     generator: latents [B, C, F, h, w], refs [B, C, 1, h, w], audio [B, F, A, D], mouth [B, h, w]."""
@@ -317,19 +332,24 @@ def sample_clip_batch(
         aud.append(data.audio[i, s : s + frames])
         mouth.append(data.mouth_weight[i])
     return (
-        torch.stack(lat).transpose(1, 2),
-        torch.stack(refs)[:, :, None],
-        torch.stack(aud),
-        torch.stack(mouth),
+        torch.stack(lat).transpose(1, 2).to(device),
+        torch.stack(refs)[:, :, None].to(device),
+        torch.stack(aud).to(device),
+        torch.stack(mouth).to(device),
     )
 
 
-def per_sample_randn(shape: tuple[int, ...], gens: list[torch.Generator]) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g) for g in gens])
+def per_sample_randn(
+    shape: tuple[int, ...], gens: list[torch.Generator], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """One draw per sample from its own CPU generator (the same numbers on any device)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
 
 
-def per_sample_rand(gens: list[torch.Generator]) -> torch.Tensor:
-    return torch.cat([torch.rand(1, generator=g) for g in gens])
+def per_sample_rand(
+    gens: list[torch.Generator], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    return torch.cat([torch.rand(1, generator=g) for g in gens]).to(device)
 
 
 def flow_matching_loss(
@@ -352,10 +372,11 @@ def flow_matching_loss(
     cache, a path FSDP's hooks cannot see; the fake score is trained that way)."""
     b = x0.shape[0]
     lo, hi = sigma_range
-    sigma = shifted(lo + (hi - lo) * per_sample_rand(gens), defaults.shift)
-    noise = per_sample_randn(tuple(x0.shape[1:]), gens)
-    keep_a = (per_sample_rand(gens) >= drop_audio).float()
-    keep_r = (per_sample_rand(gens) >= drop_reference).float()
+    dev = x0.device
+    sigma = shifted(lo + (hi - lo) * per_sample_rand(gens, dev), defaults.shift)
+    noise = per_sample_randn(tuple(x0.shape[1:]), gens, dev)
+    keep_a = (per_sample_rand(gens, dev) >= drop_audio).float()
+    keep_r = (per_sample_rand(gens, dev) >= drop_reference).float()
     s = sigma[:, None, None, None, None]
     xt = (1 - s) * x0 + s * noise
     sink = new_cache(model, defaults, *x0.shape[-2:])
@@ -424,8 +445,9 @@ def train_teacher(
     t0 = time.perf_counter()
     bar = _tqdm_progress(progress)
     base = base or load_model(cfg.base)
-    model = copy.deepcopy(base.dit).float().train()
-    context = base.context.detach().float()
+    device = resolve_device(cfg.device)
+    model = copy.deepcopy(base.dit).float().to(device).train()
+    context = base.context.detach().float().to(device)
     d = base.defaults
     data = load_latents(
         base, cfg.clips, cfg.clip_frames, cfg.seed, cfg.mouth_weight, bar, cache_dir
@@ -444,7 +466,7 @@ def train_teacher(
             break
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / warm)
-        x0, ref, audio, mouth = sample_clip_batch(data, frames, gens)
+        x0, ref, audio, mouth = sample_clip_batch(data, frames, gens, device)
         loss = flow_matching_loss(
             model, context, d, x0, ref, audio, mouth, gens, cfg.drop_audio, cfg.drop_reference
         )
@@ -458,6 +480,7 @@ def train_teacher(
     b.close()
     model.eval()
     teacher = Teacher(model, context, d, cfg.clip_blocks, Guidance(), cfg.sample_steps)
+    base.vae.to(device)
     g, scores = choose_guidance(
         teacher, base, cfg.guidance_candidates, cfg.guidance_frames, cfg.guidance_utterances
     )
@@ -475,11 +498,12 @@ def save_teacher(
     result: TeacherResult, base: ModelBundle, cfg: TeacherConfig, output: str | Path
 ) -> None:
     t = result.teacher
+    base.vae.cpu()
     bundle = replace(
         base,
         name="teacher",
-        dit=t.model,
-        context=t.context,
+        dit=copy.deepcopy(t.model).cpu(),
+        context=t.context.cpu(),
         defaults=replace(base.defaults, steps=t.sample_steps),
         trained=True,
     )

@@ -37,9 +37,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ode-iterations", type=int, default=0, help="ODE-regression warm-start updates (0: none)"
     )
     p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="the teacher's audio guidance scale (default: the one it chose by lip sync)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda")
     p.add_argument("--quick", action="store_true", help="tiny data and a few steps (smoke test)")
     p.add_argument("--data-cache", default=None, help="folder that keeps the encoded clips")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -61,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         ode_iterations=args.ode_iterations,
+        device=args.device,
     )
     if args.steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {args.steps}")

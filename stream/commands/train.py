@@ -35,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("teacher (--teacher)")
     t.add_argument("--teacher", action="store_true", help="train a bidirectional teacher")
     t.add_argument("--base", default="default", help="bundle the teacher starts from")
+    t.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda")
     t.add_argument("--clip-blocks", type=int, default=None, help="blocks per teacher clip")
     t.add_argument("--batch", type=int, default=None)
     t.add_argument(
@@ -57,7 +58,7 @@ def run_teacher(args: argparse.Namespace) -> int:
     from pipelines.training.teacher import TeacherConfig, train_teacher
 
     cfg = TeacherConfig.quick() if args.quick else TeacherConfig()
-    cfg = replace(cfg, base=args.base, seed=args.seed, threads=args.threads)
+    cfg = replace(cfg, base=args.base, seed=args.seed, threads=args.threads, device=args.device)
     for name, value in (
         ("clips", args.clips),
         ("steps", args.steps),
