@@ -181,7 +181,7 @@ class Teacher:
         trajectory_at: list[float] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Euler-sample clips from `noise` [B, C, F, h, w]; with `trajectory_at`, also return
-        the sample at each of those levels (the nearest step at or below it)."""
+        the sample at each of those levels (the Euler step that crosses a level stopped at it)."""
         steps = steps or self.sample_steps
         sig = shifted(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), self.defaults.shift)
         sinks = self.sinks(ref)
@@ -196,10 +196,10 @@ class Teacher:
         b = x.shape[0]
         for i in range(steps):
             s, s_next = float(sig[i]), float(sig[i + 1])
-            while marks and s <= marks[0] + 1e-9:
-                traj.append(x.clone())
-                marks.pop(0)
             v = self.velocity(x, torch.full((b,), s, device=x.device), sinks, audio, g)
+            while marks and marks[0] > s_next:
+                # a level inside this step: the same Euler step, stopped there
+                traj.append(x + (min(marks.pop(0), s) - s) * v)
             x = x + (s_next - s) * v
         traj.extend(x.clone() for _ in marks)
         return x, traj
