@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from models.errors import DiffstreamError
@@ -53,5 +54,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The process entry point (the `diffstream` script and `python -m stream.cli`).
+
+    After `serve` has shut down cleanly (sessions ended, viewers told, the engine's workers
+    joined), the process leaves with os._exit instead of the interpreter's teardown: a native
+    library's thread torn down there aborted the process now and then ("terminate called
+    without an active exception", SIGABRT) after a clean drain, turning exit 0 into -6."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if next((a for a in argv if not a.startswith("-")), None) == "serve":
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
