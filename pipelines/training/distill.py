@@ -43,10 +43,12 @@ from pipelines.schedule import FlowMatchSchedule
 
 from .teacher import (
     Teacher,
+    clip_velocity,
     flow_matching_loss,
     load_latents,
     load_teacher,
     new_cache,
+    optimise,
     per_sample_rand,
     per_sample_randn,
     resolve_device,
@@ -242,8 +244,6 @@ def dmd_loss(
         real = xt - s * teacher.velocity(xt, sigma, teacher.sinks(ref), audio)
         sink = new_cache(fake, d, *x.shape[-2:])
         write_sink(fake, sink, teacher.context, ref, d)
-        from .teacher import clip_velocity
-
         fake_x0 = xt - s * clip_velocity(fake, xt, sigma, teacher.context, sink, audio, d)
         norm = (x - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-4)
         grad = (fake_x0 - real) / norm
@@ -383,10 +383,7 @@ def ode_warm_start(
                         True,
                     )
         loss = loss / (cfg.clip_blocks * cfg.steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        optimise(opt, loss, student.parameters())
         losses.append(float(loss.detach()))
         bar.set_postfix(ode=f"{np.mean(losses[-20:]):.4f}")
         bar.update(1)
@@ -494,17 +491,11 @@ def distill(
                 cg,
                 sink_grad=False,
             )
-            opt_f.zero_grad(set_to_none=True)
-            lf.backward()
-            torch.nn.utils.clip_grad_norm_(fake.parameters(), 1.0)
-            opt_f.step()
+            optimise(opt_f, lf, fake.parameters())
         loss, info = dmd_loss(
             teach, fake, x0, ref, audio, _gens(cfg.seed, it, 3, local), cfg.dmd_levels
         )
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt_g.step()
+        optimise(opt_g, loss, student.parameters())
         losses["dmd"].append(float(loss.detach()))
         losses["fake"].append(float(lf.detach()))
         losses["grad"].append(info["grad"])

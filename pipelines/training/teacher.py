@@ -46,6 +46,16 @@ from .train import (
 TEACHER_FILE = "teacher.json"
 
 
+def optimise(
+    opt: torch.optim.Optimizer, loss: torch.Tensor, params: Any, clip: float = 1.0
+) -> None:
+    """One update: gradients of `loss`, clipped to `clip` in norm, applied by `opt`."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+
+
 def resolve_device(name: str) -> torch.device:
     """ "auto" → CUDA when available, else the CPU; anything else as torch names it."""
     if name == "auto":
@@ -470,10 +480,7 @@ def train_teacher(
         loss = flow_matching_loss(
             model, context, d, x0, ref, audio, mouth, gens, cfg.drop_audio, cfg.drop_reference
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimise(opt, loss, model.parameters())
         losses.append(float(loss.detach()))
         b.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         b.update(1)
