@@ -8,6 +8,7 @@ import copy
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -306,6 +307,8 @@ def test_cli_distill_rejects_bad_arguments(tmp_path):
         main(["distill", "--teacher", str(tmp_path), "-o", str(tmp_path / "s"), "--steps", "0"])
         == 2
     )
+    for bad in (["--regression", "-1"], ["--dmd-levels", "0.5", "0.2"], ["--dmd-levels", "0", "2"]):
+        assert main(["distill", "--teacher", str(tmp_path), "-o", str(tmp_path / "s"), *bad]) == 2
 
 
 def test_teacher_trajectory_marks_the_student_levels(bundle):
@@ -332,3 +335,55 @@ def test_ode_warm_start_regresses_the_teacher(quick_teacher, tmp_path):
     res = distill(cfg, tmp_path / "ode", progress=False, log=lambda _: None, cache_dir=cache)
     ode = res.losses["ode"]
     assert len(ode) == 4 and all(b < a for a, b in zip(ode, ode[1:], strict=False)), ode
+
+
+def test_regression_term_pulls_the_rollout_towards_the_true_frames(quick_teacher, tmp_path):
+    """`--regression`: on one training clip, the 1-step rollout's distance to the clip's true
+    latents (fresh noise, after training) falls with the term and not with DMD alone (tried:
+    the term left out of the student's loss, which makes the two runs equal)."""
+    from pipelines.training.distill import regression_loss, student_sigmas
+    from pipelines.training.teacher import load_latents, per_sample_randn, sample_clip_batch
+
+    teacher_dir, cache = quick_teacher
+    teach, tb = load_teacher(str(teacher_dir))
+    cfg = DistillConfig.quick()
+    cfg.teacher, cfg.iterations, cfg.threads, cfg.lr = str(teacher_dir), 8, 1, 3e-4
+    cfg.clips, cfg.clip_frames, cfg.steps = 1, 9, 1
+
+    def run(weight: float):
+        res = distill(
+            replace(cfg, regression=weight),
+            tmp_path / f"w{weight:g}",
+            progress=False,
+            log=lambda _: None,
+            cache_dir=cache,
+        )
+        return res
+
+    def distance(model) -> float:
+        data = load_latents(tb, cfg.clips, cfg.clip_frames, cfg.seed, 4.0, None, cache)
+        gens = [torch.Generator().manual_seed(100 + i) for i in range(2)]
+        truth, ref, audio, mouth = sample_clip_batch(data, cfg.clip_blocks * 3, gens)
+        noise = per_sample_randn(tuple(truth.shape[1:]), gens)
+        defaults = load_model(str(tmp_path / "w50")).defaults
+        sig, exits = student_sigmas(cfg), [0] * cfg.clip_blocks
+        with torch.no_grad():
+            x0 = rollout(
+                model.float(),
+                teach.context,
+                defaults,
+                ref,
+                audio,
+                noise,
+                cfg.cache_mode,
+                sig,
+                exits,
+                noise,
+            )
+        return float(regression_loss(x0, truth, mouth))
+
+    with_reg, without = run(50.0), run(0.0)
+    assert len(with_reg.losses["reg"]) == 8 and not without.losses["reg"]
+    start = distance(copy.deepcopy(load_model("default").dit))
+    d_with, d_without = distance(with_reg.student), distance(without.student)
+    assert d_with < 0.85 * start and d_with < 0.85 * d_without, (start, d_with, d_without)

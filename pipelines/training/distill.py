@@ -15,6 +15,10 @@
    score's prediction of the clean clip differ by the gradient of the KL between the student's
    and the teacher's distributions. The student takes 0.5·||x - sg(x - ∇)||²; the fake score
    takes `critic_steps` flow-matching steps on the student's samples per student step.
+4. Optional ground truth (`regression` > 0): the procedural data knows the true latents of each
+   training clip (the renderer's frames for that audio and identity), so the student also takes
+   `regression`·(mouth-weighted MSE of its rollout against them). DMD alone moves the student
+   towards the teacher's guided distribution, colours included; the term holds it to the frames.
 
 Randomness is drawn per sample from generators seeded by (seed, sample index), so a run is
 reproducible, and a run on N processes (torchrun; FSDP shards student and fake score) computes
@@ -80,6 +84,7 @@ class DistillConfig:
     fake_lr: float = 2e-4
     critic_steps: int = 1  # fake-score updates per student update (two-time-scale)
     dmd_levels: tuple[float, float] = (0.02, 0.98)
+    regression: float = 0.0  # weight of the ground-truth term (0: DMD alone)
     ode_iterations: int = 0  # ODE-regression warm start (0: start from the student bundle)
     ode_pairs: int = 16  # teacher trajectories for the warm start
     checkpoint_every: int = 100
@@ -250,6 +255,13 @@ def dmd_loss(
         target = x - grad
     loss = 0.5 * (x0 - target).pow(2).mean()
     return loss, {"grad": float(grad.pow(2).mean().sqrt())}
+
+
+def regression_loss(x0: torch.Tensor, truth: torch.Tensor, mouth: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the rollout against the clip's true latents (the renderer's frames
+    for the same audio and identity), weighted by the mouth map as in training."""
+    w = mouth[:, None, None]
+    return ((x0 - truth).pow(2) * w).mean() / w.mean()
 
 
 # ---- processes ---------------------------------------------------------------------------
@@ -443,7 +455,7 @@ def distill(
     fpb = defaults.frames_per_block
     frames = cfg.clip_blocks * fpb
     sig = student_sigmas(cfg)
-    losses: dict[str, list[float]] = {"ode": [], "dmd": [], "fake": [], "grad": []}
+    losses: dict[str, list[float]] = {"ode": [], "dmd": [], "fake": [], "grad": [], "reg": []}
     start = 0
     ckpt = Path(output) / CHECKPOINT if output is not None else None
     if resume and ckpt is not None and ckpt.is_file():
@@ -470,7 +482,7 @@ def distill(
         gens = _gens(cfg.seed, it, 1, local)
         control = np.random.default_rng([cfg.seed, it, 2])  # the same on every rank
         exits = [int(control.integers(0, cfg.steps)) for _ in range(cfg.clip_blocks)]
-        _, ref, audio, _ = sample_clip_batch(data, frames, gens, device)
+        truth, ref, audio, mouth_map = sample_clip_batch(data, frames, gens, device)
         shape = (data.latents.shape[2], frames, *data.latents.shape[-2:])
         noise = per_sample_randn(shape, gens, device)
         renoise = per_sample_randn(shape, gens, device)
@@ -495,14 +507,17 @@ def distill(
         loss, info = dmd_loss(
             teach, fake, x0, ref, audio, _gens(cfg.seed, it, 3, local), cfg.dmd_levels
         )
-        optimise(opt_g, loss, student.parameters())
         losses["dmd"].append(float(loss.detach()))
+        if cfg.regression:
+            reg = regression_loss(x0, truth, mouth_map)
+            losses["reg"].append(float(reg.detach()))
+            loss = loss + cfg.regression * reg
+        optimise(opt_g, loss, student.parameters())
         losses["fake"].append(float(lf.detach()))
         losses["grad"].append(info["grad"])
         it += 1
-        bar.set_postfix(
-            dmd=f"{np.mean(losses['dmd'][-20:]):.4f}", fake=f"{np.mean(losses['fake'][-20:]):.4f}"
-        )
+        shown = {k: f"{np.mean(losses[k][-20:]):.4f}" for k in ("dmd", "fake", "reg") if losses[k]}
+        bar.set_postfix(**shown)
         bar.update(1)
         if ckpt is not None and (it % cfg.checkpoint_every == 0 or it == cfg.iterations):
             save_checkpoint(ckpt, student, opt_g, fake, opt_f, it, losses, rank)

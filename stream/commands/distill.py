@@ -36,6 +36,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ode-iterations", type=int, default=0, help="ODE-regression warm-start updates (0: none)"
     )
+    p.add_argument(
+        "--regression",
+        type=float,
+        default=0.0,
+        help="weight of a ground-truth term: the rollout against the renderer's latents (0: none)",
+    )
+    p.add_argument(
+        "--dmd-levels",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="range of the DMD noise level draw, in [0, 1] before the teacher's shift "
+        "(default 0.02 0.98; low levels act on fine detail, high ones on colour and layout)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument(
         "--guidance",
@@ -68,10 +83,18 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         ode_iterations=args.ode_iterations,
+        regression=args.regression,
         device=args.device,
     )
     if args.steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {args.steps}")
+    if args.dmd_levels is not None:
+        lo, hi = args.dmd_levels
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ConfigError(f"--dmd-levels must satisfy 0 <= LO < HI <= 1, got {lo} {hi}")
+        cfg = replace(cfg, dmd_levels=(lo, hi))
+    if args.regression < 0:
+        raise ConfigError(f"--regression must not be negative, got {args.regression}")
     if args.ode_iterations < 0:
         raise ConfigError("--ode-iterations must not be negative")
     for name in (
