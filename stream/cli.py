@@ -28,11 +28,16 @@ def _module(name: str):
     return importlib.import_module(f"stream.commands.{name}")
 
 
+def chosen_command(argv: list[str] | None) -> str | None:
+    """The sub-command named on the command line (no global option takes a value)."""
+    return next((a for a in (argv or []) if not a.startswith("-")), None)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffstream", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    chosen = next((a for a in (argv or []) if not a.startswith("-")), None)
+    chosen = chosen_command(argv)
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         # Only the chosen sub-command's module is imported (and so its dependencies).
@@ -63,7 +68,7 @@ def entry() -> None:
     without an active exception", SIGABRT) after a clean drain, turning exit 0 into -6."""
     argv = sys.argv[1:]
     code = main(argv)
-    if next((a for a in argv if not a.startswith("-")), None) == "serve":
+    if chosen_command(argv) == "serve":
         import logging
 
         logging.shutdown()

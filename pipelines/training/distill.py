@@ -60,7 +60,7 @@ from .teacher import (
     shifted,
     write_sink,
 )
-from .train import LatentSet, TrainingKVCache, _tqdm_progress
+from .train import LatentSet, TrainingKVCache, _tqdm_progress, mouth_weighted_mse
 
 CACHE_MODES = ("reencode", "timestep_forcing")
 CHECKPOINT = "checkpoint.pt"
@@ -255,13 +255,6 @@ def dmd_loss(
         target = x - grad
     loss = 0.5 * (x0 - target).pow(2).mean()
     return loss, {"grad": float(grad.pow(2).mean().sqrt())}
-
-
-def regression_loss(x0: torch.Tensor, truth: torch.Tensor, mouth: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of the rollout against the clip's true latents (the renderer's frames
-    for the same audio and identity), weighted by the mouth map as in training."""
-    w = mouth[:, None, None]
-    return ((x0 - truth).pow(2) * w).mean() / w.mean()
 
 
 # ---- processes ---------------------------------------------------------------------------
@@ -509,7 +502,7 @@ def distill(
         )
         losses["dmd"].append(float(loss.detach()))
         if cfg.regression:
-            reg = regression_loss(x0, truth, mouth_map)
+            reg = mouth_weighted_mse(x0, truth, mouth_map)
             losses["reg"].append(float(reg.detach()))
             loss = loss + cfg.regression * reg
         optimise(opt_g, loss, student.parameters())

@@ -41,6 +41,7 @@ from .train import (
     _tqdm_progress,
     encode_clips,
     generate_clips,
+    mouth_weighted_mse,
 )
 
 TEACHER_FILE = "teacher.json"
@@ -380,7 +381,6 @@ def flow_matching_loss(
     the audio / the reference replaced by the null condition for a share of the clips.
     sink_grad=False: the sink pass keeps no graph (the keys reach the loss only through the
     cache, a path FSDP's hooks cannot see; the fake score is trained that way)."""
-    b = x0.shape[0]
     lo, hi = sigma_range
     dev = x0.device
     sigma = shifted(lo + (hi - lo) * per_sample_rand(gens, dev), defaults.shift)
@@ -395,8 +395,7 @@ def flow_matching_loss(
     v = clip_velocity(
         model, xt, sigma, context, sink, audio * keep_a[:, None, None, None], defaults
     )
-    w = mouth[:, None, None].expand(b, 1, x0.shape[2], *mouth.shape[-2:])
-    return ((v - (noise - x0)).pow(2) * w).mean() / w.mean()
+    return mouth_weighted_mse(v, noise - x0, mouth)
 
 
 @dataclass

@@ -372,8 +372,16 @@ class DitTrainer:
         s = sigma[:, None, None, None, None]
         xt = (1 - s) * x0 + s * noise
         v = self.streamer.block(cache, ctx, xt, sigma * 1000, n_hist * fpb, audio_blocks[-1], False)
-        w = data.mouth_weight[idx][:, None, None]
-        return ((v - (noise - x0)).pow(2) * w).mean() / w.mean()
+        return mouth_weighted_mse(v, noise - x0, data.mouth_weight[idx])
+
+
+def mouth_weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, mouth: torch.Tensor
+) -> torch.Tensor:
+    """Squared error of [B, C, F, h, w] latents, each position weighted by the mouth map
+    [B, h, w] (the mouth counts `mouth_weight` times), normalised by the mean weight."""
+    w = mouth[:, None, None]
+    return ((pred - target).pow(2) * w).mean() / w.mean()
 
 
 def fold_audio_normalisation(
