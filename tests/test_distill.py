@@ -311,6 +311,23 @@ def test_cli_distill_rejects_bad_arguments(tmp_path):
         assert main(["distill", "--teacher", str(tmp_path), "-o", str(tmp_path / "s"), *bad]) == 2
 
 
+def test_cli_distill_clip_flags_reach_the_data(quick_teacher, tmp_path, capsys):
+    """--clips/--clip-frames set the rendered training set (its cache is keyed by both); clips
+    shorter than one training rollout are refused with a message, not a crash mid-run."""
+    from stream.cli import main
+
+    teacher_dir, _ = quick_teacher
+    cache = tmp_path / "cache"
+    args = ["distill", "--teacher", str(teacher_dir), "--quick", "--quiet"]
+    args += ["--data-cache", str(cache), "--iterations", "1"]
+    assert main([*args, "-o", str(tmp_path / "s"), "--clips", "2", "--clip-frames", "12"]) == 0
+    assert [p.name.split("-")[2:4] for p in cache.glob("latents-*.pt")] == [["2", "12"]]
+    capsys.readouterr()
+    assert main([*args, "-o", str(tmp_path / "t"), "--clip-frames", "5"]) == 2
+    assert "shorter than a training rollout" in capsys.readouterr().err
+    assert main([*args, "-o", str(tmp_path / "u"), "--clips", "0"]) == 2
+
+
 def test_teacher_trajectory_marks_the_student_levels(bundle):
     """The warm start's inputs: the teacher's sample at each student level. σ = 1 is the noise
     itself; 0.5 and 0.25 both lie inside the last Euler step (0.625 -> 0 at 4 steps, shift 5),

@@ -441,12 +441,17 @@ def distill(
     opt_f = torch.optim.AdamW(
         fake.parameters(), lr=cfg.fake_lr, betas=(0.0, 0.999), weight_decay=0.0
     )
+    fpb = defaults.frames_per_block
+    frames = cfg.clip_blocks * fpb
+    if cfg.clip_frames < frames:
+        raise ValueError(
+            f"clips of {cfg.clip_frames} frames are shorter than a training rollout "
+            f"({cfg.clip_blocks} blocks of {fpb} frames = {frames})"
+        )
     data = load_latents(
         teacher_bundle, cfg.clips, cfg.clip_frames, cfg.seed, 4.0, bar_of, cache_dir
     )
     t_train = time.perf_counter()
-    fpb = defaults.frames_per_block
-    frames = cfg.clip_blocks * fpb
     sig = student_sigmas(cfg)
     losses: dict[str, list[float]] = {"ode": [], "dmd": [], "fake": [], "grad": [], "reg": []}
     start = 0

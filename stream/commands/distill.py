@@ -51,6 +51,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="range of the DMD noise level draw, in [0, 1] before the teacher's shift "
         "(default 0.02 0.98; low levels act on fine detail, high ones on colour and layout)",
     )
+    p.add_argument(
+        "--clips",
+        type=int,
+        default=None,
+        help="training clips to render, each a fresh identity and speaker (default 160)",
+    )
+    p.add_argument(
+        "--clip-frames", type=int, default=None, help="video frames per training clip (default 100)"
+    )
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument(
         "--guidance",
@@ -106,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         "fake_lr",
         "critic_steps",
         "checkpoint_every",
+        "clips",
+        "clip_frames",
     ):
         value = getattr(args, name)
         if value is not None:
