@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     executor: Literal["local", "tpp", "dualparal"] = "local"
     devices: str = Field("cpu", description="cpu, cuda, cuda:0,cuda:1, cpu:N, or auto")
     steps: int | None = Field(None, ge=1, le=64, description="denoising steps per block")
+    shift: float | None = Field(
+        None, gt=0, le=100, description="the denoising schedule's shift (None: the model's)"
+    )
+    cache_mode: Literal["reencode", "timestep_forcing"] | None = Field(
+        None, description="KV cache mode of the local executor (None: the model's)"
+    )
     block_frames: int | None = Field(
         None, ge=1, le=64, description="latent frames per block (None: the model's default)"
     )
@@ -248,6 +254,10 @@ class Settings(BaseSettings):
         options: dict[str, object] = {}
         if self.steps is not None:
             options["steps"] = self.steps
+        if self.shift is not None:
+            options["shift"] = self.shift
+        if self.cache_mode is not None:
+            options["cache_mode"] = self.cache_mode
         if self.block_frames is not None:
             options["frames_per_block"] = self.block_frames
         if self.height is not None:

@@ -46,6 +46,34 @@ def test_threads_reach_the_engine_worker_processes() -> None:
     assert in_thread.executor_options() == {"process": False} and in_thread.torch_threads() == 1
 
 
+def test_schedule_shift_and_cache_mode_reach_the_engine() -> None:
+    """serve --steps 2 --shift 2 --cache-mode timestep_forcing: the flags become settings, the
+    settings executor options, and the engine runs with them (not the model's 4 steps, shift
+    5, re-encode); bad values are refused naming the flag's field."""
+    from pipelines.executors import build_executor
+    from stream.cli import build_parser
+    from stream.commands.serve import settings_from_args
+
+    argv = ["serve", "--steps", "2", "--shift", "2", "--cache-mode", "timestep_forcing"]
+    s = settings_from_args(build_parser(argv).parse_args(argv))
+    opts = s.executor_options()
+    assert (opts["steps"], opts["shift"], opts["cache_mode"]) == (2, 2.0, "timestep_forcing")
+    ex = build_executor(
+        "local", "default", "cpu", steps=2, shift=2.0, cache_mode=opts["cache_mode"]
+    )
+    try:
+        config = ex.generator.config
+        assert (config.steps, config.shift, config.cache_mode) == (2, 2.0, "timestep_forcing")
+    finally:
+        ex.close()
+    plain = load_settings()
+    assert "shift" not in plain.executor_options() and "cache_mode" not in plain.executor_options()
+    with pytest.raises(ConfigError, match="cache_mode"):
+        load_settings(cache_mode="sideways")
+    with pytest.raises(ConfigError, match="shift"):
+        load_settings(shift=0)
+
+
 def test_settings_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match="max_sessions"):
         load_settings(max_sessions=0)

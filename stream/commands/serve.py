@@ -35,6 +35,13 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--executor", "executor", str, "local, tpp or dualparal (default local)"),
     ("--devices", "devices", str, "cpu, cuda, cuda:0,cuda:1, cpu:N or auto (default cpu)"),
     ("--steps", "steps", int, "denoising steps per block (default: the model's)"),
+    ("--shift", "shift", float, "the denoising schedule's shift (default: the model's)"),
+    (
+        "--cache-mode",
+        "cache_mode",
+        str,
+        "reencode or timestep_forcing: the local executor's KV cache (default: the model's)",
+    ),
     ("--block-frames", "block_frames", int, "latent frames per block (default: the model's)"),
     ("--height", "height", int, "video height (default: the model's)"),
     ("--width", "width", int, "video width (default: the model's)"),
