@@ -294,7 +294,7 @@ def test_teacher_folder_round_trips(quick_teacher):
         load_teacher(ROOT / "models" / "default")
 
 
-def test_cli_distill_rejects_bad_arguments(tmp_path):
+def test_cli_distill_rejects_bad_arguments(tmp_path, capsys):
     from stream.cli import main
 
     assert (
@@ -307,8 +307,16 @@ def test_cli_distill_rejects_bad_arguments(tmp_path):
         main(["distill", "--teacher", str(tmp_path), "-o", str(tmp_path / "s"), "--steps", "0"])
         == 2
     )
-    for bad in (["--regression", "-1"], ["--dmd-levels", "0.5", "0.2"], ["--dmd-levels", "0", "2"]):
+    bad_args = (
+        ["--regression", "-1"],
+        ["--colour", "-1"],
+        ["--dmd-levels", "0.5", "0.2"],
+        ["--dmd-levels", "0", "2"],
+    )
+    capsys.readouterr()
+    for bad in bad_args:
         assert main(["distill", "--teacher", str(tmp_path), "-o", str(tmp_path / "s"), *bad]) == 2
+        assert bad[0] in capsys.readouterr().err, bad  # refused for this flag, not the teacher
 
 
 def test_cli_distill_clip_flags_reach_the_data(quick_teacher, tmp_path, capsys):
@@ -354,38 +362,36 @@ def test_ode_warm_start_regresses_the_teacher(quick_teacher, tmp_path):
     assert len(ode) == 4 and all(b < a for a, b in zip(ode, ode[1:], strict=False)), ode
 
 
-def test_regression_term_pulls_the_rollout_towards_the_true_frames(quick_teacher, tmp_path):
-    """`--regression`: on one training clip, the 1-step rollout's distance to the clip's true
-    latents (fresh noise, after training) falls with the term and not with DMD alone (tried:
-    the term left out of the student's loss, which makes the two runs equal)."""
+def _one_clip_students(quick_teacher, tmp_path, term: str, weight: float, lr: float = 3e-4):
+    """Two 8-update 1-step students on one training clip, with `term` at `weight` and without,
+    and a rollout function on a fixed evaluation batch of that clip: (with, without, roll,
+    truth, mouth, teacher bundle)."""
     from pipelines.training.distill import student_sigmas
     from pipelines.training.teacher import load_latents, per_sample_randn, sample_clip_batch
-    from pipelines.training.train import mouth_weighted_mse
 
     teacher_dir, cache = quick_teacher
     teach, tb = load_teacher(str(teacher_dir))
     cfg = DistillConfig.quick()
-    cfg.teacher, cfg.iterations, cfg.threads, cfg.lr = str(teacher_dir), 8, 1, 3e-4
+    cfg.teacher, cfg.iterations, cfg.threads, cfg.lr = str(teacher_dir), 8, 1, lr
     cfg.clips, cfg.clip_frames, cfg.steps = 1, 9, 1
 
-    def run(weight: float):
-        out = tmp_path / f"w{weight:g}"
-        cfg_w = replace(cfg, regression=weight)
-        return distill(cfg_w, out, progress=False, log=lambda _: None, cache_dir=cache)
+    def run(w: float):
+        out = tmp_path / f"{term}{w:g}"
+        return distill(
+            replace(cfg, **{term: w}), out, progress=False, log=lambda _: None, cache_dir=cache
+        )
 
-    with_reg, without = run(50.0), run(0.0)
-    assert len(with_reg.losses["reg"]) == 8 and not without.losses["reg"]
-
+    with_term, without = run(weight), run(0.0)
     data = load_latents(tb, cfg.clips, cfg.clip_frames, cfg.seed, 4.0, None, cache)
     gens = [torch.Generator().manual_seed(100 + i) for i in range(2)]
     truth, ref, audio, mouth = sample_clip_batch(data, cfg.clip_blocks * 3, gens)
     noise = per_sample_randn(tuple(truth.shape[1:]), gens)
-    defaults = load_model(str(tmp_path / "w50")).defaults
+    defaults = load_model(str(tmp_path / f"{term}{weight:g}")).defaults
     sig, exits = student_sigmas(cfg), [0] * cfg.clip_blocks
 
-    def distance(model) -> float:
+    def roll(model) -> torch.Tensor:
         with torch.no_grad():
-            x0 = rollout(
+            return rollout(
                 model.float(),
                 teach.context,
                 defaults,
@@ -397,8 +403,46 @@ def test_regression_term_pulls_the_rollout_towards_the_true_frames(quick_teacher
                 exits,
                 noise,
             )
-        return float(mouth_weighted_mse(x0, truth, mouth))
+
+    return with_term, without, roll, truth, mouth, tb
+
+
+def test_regression_term_pulls_the_rollout_towards_the_true_frames(quick_teacher, tmp_path):
+    """`--regression`: on one training clip, the 1-step rollout's distance to the clip's true
+    latents (fresh noise, after training) falls with the term and not with DMD alone (tried:
+    the term left out of the student's loss, which makes the two runs equal)."""
+    from pipelines.training.train import mouth_weighted_mse
+
+    with_reg, without, roll, truth, mouth, _ = _one_clip_students(
+        quick_teacher, tmp_path, "regression", 50.0
+    )
+    assert len(with_reg.losses["reg"]) == 8 and not without.losses["reg"]
+
+    def distance(model) -> float:
+        return float(mouth_weighted_mse(roll(model), truth, mouth))
 
     start = distance(copy.deepcopy(load_model("default").dit))
     d_with, d_without = distance(with_reg.student), distance(without.student)
+    assert d_with < 0.85 * start and d_with < 0.85 * d_without, (start, d_with, d_without)
+
+
+def test_colour_term_pulls_regional_colours_towards_the_true_frames(quick_teacher, tmp_path):
+    """`--colour`: the same one-clip setting (lr 1e-4: at 3e-4 the colour error oscillates
+    between the clip's two windows); the decoded rollout's 16-pixel mean colours move towards
+    the true frames' with the term, not with DMD alone (tried: the term computed but left out
+    of the loss)."""
+    from pipelines.training.distill import regional_colour_error
+
+    with_col, without, roll, truth, _, tb = _one_clip_students(
+        quick_teacher, tmp_path, "colour", 10.0, lr=1e-4
+    )
+    assert len(with_col.losses["colour"]) == 8 and not without.losses["colour"]
+    assert float(regional_colour_error(tb.vae, truth, truth)) == 0.0
+
+    def distance(model) -> float:
+        with torch.no_grad():
+            return float(regional_colour_error(tb.vae, roll(model), truth))
+
+    start = distance(copy.deepcopy(load_model("default").dit))
+    d_with, d_without = distance(with_col.student), distance(without.student)
     assert d_with < 0.85 * start and d_with < 0.85 * d_without, (start, d_with, d_without)

@@ -85,6 +85,7 @@ class DistillConfig:
     critic_steps: int = 1  # fake-score updates per student update (two-time-scale)
     dmd_levels: tuple[float, float] = (0.02, 0.98)
     regression: float = 0.0  # weight of the ground-truth term (0: DMD alone)
+    colour: float = 0.0  # weight of the regional colour term against the true frames (0: none)
     ode_iterations: int = 0  # ODE-regression warm start (0: start from the student bundle)
     ode_pairs: int = 16  # teacher trajectories for the warm start
     checkpoint_every: int = 100
@@ -95,6 +96,33 @@ class DistillConfig:
     @classmethod
     def quick(cls) -> DistillConfig:
         return cls(clips=3, clip_frames=18, iterations=3, batch=2, ode_pairs=2, checkpoint_every=2)
+
+
+# ---- a colour term in pixels ------------------------------------------------------------
+COLOUR_CELL = 16  # pixels per side of the regions whose mean colour the colour term compares
+
+
+def regional_colour_error(
+    vae: torch.nn.Module, pred: torch.Tensor, truth: torch.Tensor, cell: int = COLOUR_CELL
+) -> torch.Tensor:
+    """Mean squared difference, in 8-bit levels, between the mean colours of `cell`-pixel squares
+    of the decoded `pred` and the decoded `truth` latents ([B, C, F, h, w] each).
+
+    A shift of two levels in a flat background or in the skin hardly moves a latent squared
+    error, but it moves every pixel of the region across a colour bin, which is what the
+    identity-drift measure's histogram sees. Averaging over squares leaves the fine detail
+    (the mouth, edges) to the other terms. Gradients reach `pred` only (the decoder is fixed).
+    """
+    pv = vae.decode_frames(pred, None)[0]
+    with torch.no_grad():
+        tv = vae.decode_frames(truth, None)[0]
+
+    def cells(v: torch.Tensor) -> torch.Tensor:
+        b, c, f, hh, ww = v.shape
+        flat = v.transpose(1, 2).reshape(b * f, c, hh, ww)
+        return torch.nn.functional.avg_pool2d(flat, cell, ceil_mode=True) * 127.5
+
+    return (cells(pv) - cells(tv)).pow(2).mean()
 
 
 # ---- the student's rollout ---------------------------------------------------------------
@@ -453,14 +481,21 @@ def distill(
     )
     t_train = time.perf_counter()
     sig = student_sigmas(cfg)
-    losses: dict[str, list[float]] = {"ode": [], "dmd": [], "fake": [], "grad": [], "reg": []}
+    losses: dict[str, list[float]] = {
+        "ode": [],
+        "dmd": [],
+        "fake": [],
+        "grad": [],
+        "reg": [],
+        "colour": [],
+    }
     start = 0
     ckpt = Path(output) / CHECKPOINT if output is not None else None
     if resume and ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
         load_full_state(student, opt_g, state["student"], state["opt_student"])
         load_full_state(fake, opt_f, state["fake"], state["opt_fake"])
-        start, losses = state["iteration"], state["losses"]
+        start, losses = state["iteration"], {**losses, **state["losses"]}
         log(f"resumed at iteration {start} from {ckpt}")
     elif cfg.ode_iterations:
         bar = bar_of("ODE warm start", cfg.ode_iterations)
@@ -469,6 +504,10 @@ def distill(
         for group in opt_g.param_groups:  # the warm start's moments are not DMD's
             opt_g.state.clear()
             group["lr"] = cfg.lr
+    colour_vae = None
+    if cfg.colour:
+        colour_vae = copy.deepcopy(teacher_bundle.vae).float().to(device).eval()
+        colour_vae.requires_grad_(False)
     bar = bar_of("distill", cfg.iterations)
     bar.update(start)
     it = start
@@ -510,11 +549,19 @@ def distill(
             reg = mouth_weighted_mse(x0, truth, mouth_map)
             losses["reg"].append(float(reg.detach()))
             loss = loss + cfg.regression * reg
+        if cfg.colour:
+            col = regional_colour_error(colour_vae, x0, truth)
+            losses["colour"].append(float(col.detach()))
+            loss = loss + cfg.colour * col
         optimise(opt_g, loss, student.parameters())
         losses["fake"].append(float(lf.detach()))
         losses["grad"].append(info["grad"])
         it += 1
-        shown = {k: f"{np.mean(losses[k][-20:]):.4f}" for k in ("dmd", "fake", "reg") if losses[k]}
+        shown = {
+            k: f"{np.mean(losses[k][-20:]):.4f}"
+            for k in ("dmd", "fake", "reg", "colour")
+            if losses[k]
+        }
         bar.set_postfix(**shown)
         bar.update(1)
         if ckpt is not None and (it % cfg.checkpoint_every == 0 or it == cfg.iterations):

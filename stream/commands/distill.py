@@ -43,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="weight of a ground-truth term: the rollout against the renderer's latents (0: none)",
     )
     p.add_argument(
+        "--colour",
+        type=float,
+        default=0.0,
+        help="weight of a colour term: mean colours of 16-pixel squares of the decoded rollout "
+        "against the true frames, in 8-bit levels squared (0: none)",
+    )
+    p.add_argument(
         "--dmd-levels",
         type=float,
         nargs=2,
@@ -93,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         ode_iterations=args.ode_iterations,
         regression=args.regression,
+        colour=args.colour,
         device=args.device,
     )
     if args.steps < 1:
@@ -104,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = replace(cfg, dmd_levels=(lo, hi))
     if args.regression < 0:
         raise ConfigError(f"--regression must not be negative, got {args.regression}")
+    if args.colour < 0:
+        raise ConfigError(f"--colour must not be negative, got {args.colour}")
     if args.ode_iterations < 0:
         raise ConfigError("--ode-iterations must not be negative")
     for name in (
