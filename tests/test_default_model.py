@@ -136,7 +136,8 @@ def test_drift_table_over_3000_frames(bundle, held_out_reference, speech):
     sink the face at frame 2,999 is the face at frame 0 (start, middle, end all under the
     bound, the end within 0.02 of the start); without it the identity is lost. Fails if the
     sink sits at a fixed position 0 instead of rolling ahead of the block (the 4-step base:
-    0.105 at the start, 0.113 in the middle), or the sink is turned off inside the generator (on = off)."""
+    0.105 at the start, 0.113 in the middle), or the sink is turned off inside the generator
+    (on = off)."""
     on = _drift(bundle, held_out_reference, speech, 3000, SINK_ON)
     assert max(on[k] for k in PARTS) < ON_BOUND, on
     assert abs(on["end"] - on["start"]) < 0.02, on  # no drift with stream length

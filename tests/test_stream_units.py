@@ -47,23 +47,22 @@ def test_threads_reach_the_engine_worker_processes() -> None:
 
 
 def test_schedule_shift_and_cache_mode_reach_the_engine() -> None:
-    """serve --steps 2 --shift 2 --cache-mode timestep_forcing: the flags become settings, the
-    settings executor options, and the engine runs with them (not the model's 4 steps, shift
-    5, re-encode); bad values are refused naming the flag's field."""
+    """serve --steps 3 --shift 4 --cache-mode reencode: the flags become settings, the settings
+    executor options, and the engine runs with them, not with the model's own (the default:
+    2 steps, shift 2, timestep forcing; the values differ from it on purpose, or the engine
+    would pass with the options dropped); bad values are refused naming the flag's field."""
     from pipelines.executors import build_executor
     from stream.cli import build_parser
     from stream.commands.serve import settings_from_args
 
-    argv = ["serve", "--steps", "2", "--shift", "2", "--cache-mode", "timestep_forcing"]
+    argv = ["serve", "--steps", "3", "--shift", "4", "--cache-mode", "reencode"]
     s = settings_from_args(build_parser(argv).parse_args(argv))
-    opts = s.executor_options()
-    assert (opts["steps"], opts["shift"], opts["cache_mode"]) == (2, 2.0, "timestep_forcing")
-    ex = build_executor(
-        "local", "default", "cpu", steps=2, shift=2.0, cache_mode=opts["cache_mode"]
-    )
+    opts = {k: s.executor_options()[k] for k in ("steps", "shift", "cache_mode")}
+    assert opts == {"steps": 3, "shift": 4.0, "cache_mode": "reencode"}
+    ex = build_executor("local", "default", "cpu", **opts)
     try:
         config = ex.generator.config
-        assert (config.steps, config.shift, config.cache_mode) == (2, 2.0, "timestep_forcing")
+        assert (config.steps, config.shift, config.cache_mode) == (3, 4.0, "reencode")
     finally:
         ex.close()
     plain = load_settings()
